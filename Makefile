@@ -1,0 +1,21 @@
+# Thin targets: each calls a script or a tool. Run them as root (sudo make test).
+VENV ?= /opt/labkit/venv
+PY := $(VENV)/bin/python
+export LABKIT_VENV := $(VENV)
+
+.PHONY: setup test lab notebooks bench
+
+setup:            ## system packages, the venv, labkit
+	bash vagrant/provision.sh --dev
+
+test: setup       ## set everything up, then run the whole test suite
+	$(PY) -m pytest tests
+
+lab: setup        ## start JupyterLab on http://127.0.0.1:8888
+	bash vagrant/lab.sh
+
+notebooks:        ## regenerate notebooks/ from solutions/
+	$(PY) scripts/make_notebooks.py
+
+bench:            ## speed against real peers (runc, a native run)
+	for b in bench/*.py; do $(PY) $$b || exit 1; done

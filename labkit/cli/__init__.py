@@ -1,0 +1,94 @@
+"""The ``labkit`` command: labkit's docker CLI.
+
+Each subcommand lives in a module of this package that provides two functions:
+
+    add_arguments(command: str, parser: argparse.ArgumentParser) -> None
+    run(command: str, args: argparse.Namespace) -> int   # the exit code
+
+Only the module of the command being run is imported, so ``labkit run`` starts about
+as fast as ``runc run`` does. Every LabkitError becomes one line on stderr,
+``labkit: <what went wrong>``, and a non-zero exit: never a traceback.
+
+Layer: the top. Imports the others lazily.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from labkit.errors import LabkitError
+
+# name -> (module, one-line help). Grouped as `labkit --help` shows them.
+COMMANDS: dict[str, tuple[str, str]] = {
+    # containers, with docker's names and flags
+    "run": ("labkit.cli.containers", "Run a command in a new container"),
+    "ps": ("labkit.cli.containers", "List containers"),
+    "exec": ("labkit.cli.containers", "Run a command in a running container"),
+    "logs": ("labkit.cli.containers", "Show a container's output"),
+    "stop": ("labkit.cli.containers", "Stop containers (SIGTERM, then SIGKILL)"),
+    "kill": ("labkit.cli.containers", "Send a signal to containers"),
+    "rm": ("labkit.cli.containers", "Remove containers"),
+    "pause": ("labkit.cli.containers", "Freeze every process of containers"),
+    "unpause": ("labkit.cli.containers", "Thaw paused containers"),
+    "stats": ("labkit.cli.containers", "Live CPU, memory and pids of containers"),
+    "inspect": ("labkit.cli.containers", "Show a container or image as JSON"),
+    "images": ("labkit.cli.containers", "List images"),
+    # runc's command line over an OCI bundle
+    "runtime": ("labkit.cli.runtime", "runc-like commands over an OCI bundle"),
+    # the course
+    "doctor": ("labkit.cli.lab", "Check this machine for everything the course needs"),
+    "cleanup": ("labkit.cli.lab", "Remove every mount, cgroup, namespace, link and process labkit made"),
+    "vm": ("labkit.cli.vm", "Run a command in labkit's small VM"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: labkit COMMAND [ARGS...]", "", "Build and run containers from kernel primitives.", "", "Commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'labkit COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def build_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
+    module_name, help_ = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"labkit {command}", description=help_)
+    module.add_arguments(command, parser)
+    return parser, module
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] == "--version":
+        from labkit import __version__
+
+        print(f"labkit {__version__}")
+        return 0
+    command = argv[0]
+    if command not in COMMANDS:
+        print(f"labkit: unknown command {command!r}; 'labkit --help' lists them", file=sys.stderr)
+        return 2
+    try:
+        parser, module = build_parser(command)
+        args = parser.parse_args(argv[1:])
+        return int(module.run(command, args) or 0)
+    except LabkitError as err:
+        print(f"labkit: {err.one_line()}", file=sys.stderr)
+        return int(getattr(err, "exit_code", 1))
+    except PermissionError as err:  # a kernel refusal we did not foresee: still one line
+        print(f"labkit: needs root: {err.strerror or err} (hint: run it with sudo)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `labkit ps | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

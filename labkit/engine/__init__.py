@@ -1,0 +1,1 @@
+"""The engine layer (labkit's containerd and dockerd): images and many containers."""

@@ -1,0 +1,122 @@
+"""Every error labkit raises, in one place.
+
+All of them derive from LabkitError, so the CLI and the notebook checks can catch
+one class and show one line instead of a traceback. Errors that come from the kernel
+also derive from OSError and keep the errno, like pyroute2's and psutil's do.
+
+Layer: used by every other module; imports nothing from labkit.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class LabkitError(Exception):
+    """Base class. ``str(err)`` is one line a student can act on.
+
+    ``hint`` is an optional second sentence: what to try next.
+    """
+
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        if hint:
+            self.hint = hint
+
+    def one_line(self) -> str:
+        msg = str(self)
+        return f"{msg} (hint: {self.hint})" if self.hint else msg
+
+
+class NeedsRoot(LabkitError, PermissionError):
+    """Raised before labkit tries something only root may do."""
+
+    def __init__(self, what: str) -> None:
+        LabkitError.__init__(self, f"needs root: {what}", hint="run it with sudo")
+        self.errno = _errno.EPERM
+        self.what = what
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class SyscallError(LabkitError, OSError):
+    """A system call failed. Carries errno, the call's name and its arguments.
+
+    >>> str(SyscallError(22, "mount", "'overlay' -> '/x'"))
+    "mount('overlay' -> '/x'): EINVAL: Invalid argument"
+    """
+
+    def __init__(self, err: int, call: str, args: str = "", detail: str = "") -> None:
+        name = _errno.errorcode.get(err, str(err))
+        text = f"{call}({args}): {name}: {os.strerror(err)}"
+        if detail:
+            text += f" ({detail})"
+        LabkitError.__init__(self, text)
+        self.errno = err
+        self.strerror = os.strerror(err)
+        self.call = call
+        self.call_args = args
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class InvalidValue(LabkitError, ValueError):
+    """A value given by the user has the wrong form. Raised before anything is created.
+
+    >>> str(InvalidValue("memory limit", "64XB", "a number with an optional unit b, k, m or g, e.g. 64m"))
+    "invalid memory limit '64XB': expected a number with an optional unit b, k, m or g, e.g. 64m"
+    """
+
+    def __init__(self, what: str, value: object, accepted: str) -> None:
+        super().__init__(f"invalid {what} {value!r}: expected {accepted}")
+        self.what = what
+        self.value = value
+        self.accepted = accepted
+
+
+class NotFound(LabkitError, LookupError):
+    """An image, a container or a file the user named does not exist."""
+
+
+class AlreadyExists(LabkitError):
+    """A name the user chose is taken (a container name, an image tag)."""
+
+
+class Unsupported(LabkitError):
+    """This kernel or machine lacks a feature (a cgroup controller, overlayfs, ...)."""
+
+
+class StateError(LabkitError):
+    """An operation is not allowed in the object's current state
+    (e.g. pausing a stopped container)."""
+
+
+class CgroupError(LabkitError, OSError):
+    """Writing or reading a cgroup file failed; names the file and the value.
+
+    >>> str(CgroupError(16, "/sys/fs/cgroup/x/pids.max", "write", "max"))
+    "failed to write 'max' to /sys/fs/cgroup/x/pids.max: EBUSY: Device or resource busy"
+    """
+
+    def __init__(self, err: int, path: str, op: str = "write", value: str | None = None) -> None:
+        name = _errno.errorcode.get(err, str(err))
+        what = f"{op} {value!r} to" if value is not None else f"{op}"
+        LabkitError.__init__(self, f"failed to {what} {path}: {name}: {os.strerror(err)}")
+        self.errno = err
+        self.strerror = os.strerror(err)
+        self.filename = path
+        self.value = value
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+def require_root(what: str) -> None:
+    """Raise NeedsRoot unless the effective uid is 0."""
+    if os.geteuid() != 0:
+        raise NeedsRoot(what)

@@ -1,0 +1,1 @@
+"""The kernel layer: one module per primitive a container is made of."""

@@ -1,0 +1,201 @@
+"""The system calls a container is made of, as typed Python functions.
+
+unshare(2), setns(2), mount(2), umount2(2), pivot_root(2), sethostname(2) and prctl(2),
+with the kernel's flag values as ``enum.IntFlag``s. Python 3.12 has ``os.unshare`` and
+``os.setns``, and labkit uses them there; everything else (and 3.11) goes through
+ctypes into the C library. A failed call raises ``SyscallError`` (an ``OSError``) whose
+message names the call, its arguments and the errno:
+
+    mount('overlay' -> '/x', type='overlay'): EINVAL: Invalid argument
+
+Layer: kernel. Used by namespaces, overlay, the runtime's init. Man pages: the ones above.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import os
+import platform
+
+from labkit.errors import SyscallError
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class CloneFlags(enum.IntFlag):
+    """Namespace flags for unshare(2), setns(2) and clone(2) (linux/sched.h)."""
+
+    CLONE_NEWTIME = 0x00000080
+    CLONE_NEWNS = 0x00020000  # mount: the first namespace, hence its generic name
+    CLONE_NEWCGROUP = 0x02000000
+    CLONE_NEWUTS = 0x04000000
+    CLONE_NEWIPC = 0x08000000
+    CLONE_NEWUSER = 0x10000000
+    CLONE_NEWPID = 0x20000000
+    CLONE_NEWNET = 0x40000000
+
+
+class MountFlags(enum.IntFlag):
+    """mountflags for mount(2) (linux/mount.h)."""
+
+    MS_RDONLY = 1
+    MS_NOSUID = 2
+    MS_NODEV = 4
+    MS_NOEXEC = 8
+    MS_SYNCHRONOUS = 16
+    MS_REMOUNT = 32
+    MS_MANDLOCK = 64
+    MS_DIRSYNC = 128
+    MS_NOSYMFOLLOW = 256
+    MS_NOATIME = 1024
+    MS_NODIRATIME = 2048
+    MS_BIND = 4096
+    MS_MOVE = 8192
+    MS_REC = 16384
+    MS_SILENT = 32768
+    MS_POSIXACL = 1 << 16
+    MS_UNBINDABLE = 1 << 17  # propagation types: exactly one of these four
+    MS_PRIVATE = 1 << 18
+    MS_SLAVE = 1 << 19
+    MS_SHARED = 1 << 20
+    MS_RELATIME = 1 << 21
+    MS_STRICTATIME = 1 << 24
+    MS_LAZYTIME = 1 << 25
+
+
+class UmountFlags(enum.IntFlag):
+    """flags for umount2(2)."""
+
+    MNT_FORCE = 1
+    MNT_DETACH = 2  # lazy: detach now, free when no longer busy
+    MNT_EXPIRE = 4
+    UMOUNT_NOFOLLOW = 8
+
+
+class Prctl(enum.IntEnum):
+    """The prctl(2) options labkit uses (linux/prctl.h)."""
+
+    PR_SET_PDEATHSIG = 1
+    PR_SET_KEEPCAPS = 8
+    PR_SET_NAME = 15
+    PR_SET_SECCOMP = 22
+    PR_CAPBSET_READ = 23
+    PR_CAPBSET_DROP = 24
+    PR_SET_CHILD_SUBREAPER = 36
+    PR_SET_NO_NEW_PRIVS = 38
+    PR_GET_NO_NEW_PRIVS = 39
+    PR_CAP_AMBIENT = 47
+
+
+# pivot_root has no wrapper in glibc: call it by number.
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "armv7l": 218, "riscv64": 41}
+
+
+def flag_names(flags: int, kind: type[enum.IntFlag]) -> str:
+    """'MS_BIND|MS_REC' for a flags value, '0' for none; unknown bits in hex."""
+    names, rest = [], int(flags)
+    for member in kind:
+        if member.value and rest & member.value == member.value:
+            names.append(member.name)
+            rest &= ~member.value
+    if rest:
+        names.append(hex(rest))
+    return "|".join(names) or "0"
+
+
+def _check(result: int, call: str, args: str) -> int:
+    if result == -1:
+        raise SyscallError(ctypes.get_errno(), call, args)
+    return result
+
+
+def _b(path: str | os.PathLike | None) -> bytes | None:
+    return None if path is None else os.fsencode(path)
+
+
+def unshare(flags: int) -> None:
+    """Move the calling process into new namespaces of the kinds in ``flags``.
+
+    A new PID namespace applies to the caller's *next* child, not to the caller.
+    """
+    args = flag_names(flags, CloneFlags)
+    if hasattr(os, "unshare"):  # Python 3.12+
+        try:
+            os.unshare(flags)
+        except OSError as e:
+            raise SyscallError(e.errno, "unshare", args) from None
+        return
+    _check(_libc.unshare(ctypes.c_int(flags)), "unshare", args)
+
+
+def setns(fd: int, nstype: int = 0) -> None:
+    """Join the namespace that ``fd`` (an open /proc/PID/ns/KIND) refers to.
+
+    ``nstype`` 0 accepts any kind; a CLONE_NEW* value makes the kernel check the kind.
+    """
+    args = f"fd={fd}, {flag_names(nstype, CloneFlags)}"
+    if hasattr(os, "setns"):
+        try:
+            os.setns(fd, nstype)
+        except OSError as e:
+            raise SyscallError(e.errno, "setns", args) from None
+        return
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns", args)
+
+
+def mount(
+    source: str | os.PathLike | None,
+    target: str | os.PathLike,
+    fstype: str | None = None,
+    flags: int = 0,
+    data: str | None = None,
+) -> None:
+    """mount(2). ``data`` is the comma-separated option string (e.g. overlay's dirs)."""
+    args = f"{os.fspath(source) if source is not None else None!r} -> {os.fspath(target)!r}"
+    if fstype:
+        args += f", type={fstype!r}"
+    if flags:
+        args += f", {flag_names(flags, MountFlags)}"
+    res = _libc.mount(
+        _b(source), _b(target), _b(fstype), ctypes.c_ulong(flags), _b(data) if data else None
+    )
+    _check(res, "mount", args)
+
+
+def umount2(target: str | os.PathLike, flags: int = 0) -> None:
+    """Unmount ``target``; ``UmountFlags.MNT_DETACH`` for a lazy unmount."""
+    args = repr(os.fspath(target)) + (f", {flag_names(flags, UmountFlags)}" if flags else "")
+    _check(_libc.umount2(_b(target), ctypes.c_int(flags)), "umount2", args)
+
+
+def pivot_root(new_root: str | os.PathLike, put_old: str | os.PathLike) -> None:
+    """Make ``new_root`` the root of this mount namespace; the old root moves to ``put_old``.
+
+    ``new_root`` must be a mount point, and must not be on the same mount as the
+    current root (bind-mount it onto itself first); ``put_old`` must be below it.
+    """
+    args = f"{os.fspath(new_root)!r}, {os.fspath(put_old)!r}"
+    nr = _SYS_PIVOT_ROOT.get(platform.machine())
+    if nr is None:
+        raise SyscallError(38, "pivot_root", args, f"unknown syscall number on {platform.machine()}")
+    _check(_libc.syscall(ctypes.c_long(nr), _b(new_root), _b(put_old)), "pivot_root", args)
+
+
+def sethostname(name: str) -> None:
+    """Set the hostname of the caller's UTS namespace."""
+    raw = name.encode()
+    _check(_libc.sethostname(raw, ctypes.c_size_t(len(raw))), "sethostname", repr(name))
+
+
+def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+    """prctl(2); returns the call's result (some options return a value)."""
+    name = Prctl(option).name if option in Prctl._value2member_map_ else str(option)
+    res = _libc.prctl(
+        ctypes.c_int(option),
+        ctypes.c_ulong(arg2),
+        ctypes.c_ulong(arg3),
+        ctypes.c_ulong(arg4),
+        ctypes.c_ulong(arg5),
+    )
+    return _check(res, "prctl", f"{name}, {arg2}")

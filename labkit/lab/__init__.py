@@ -1,0 +1,1 @@
+"""The course layer: doctor, the small VM, checks, plots, widgets, grading."""

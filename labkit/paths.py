@@ -1,0 +1,60 @@
+"""Where labkit keeps things, and the names it gives to kernel objects.
+
+Like xv6's param.h: every path and naming rule lives here, so tests can point labkit
+somewhere else (set ``LABKIT_ROOT``) and ``labkit cleanup`` can find everything labkit
+made by these rules alone.
+
+- ``/var/lib/labkit``: images, layers, container directories (kept across reboots).
+- ``/run/labkit``: live state: mounts, pid files (gone after a reboot, like /run/runc).
+- ``LABKIT_ROOT=/some/dir`` moves both, to ``/some/dir/lib`` and ``/some/dir/run``.
+
+Layer: used by every layer; imports nothing from labkit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROC = Path("/proc")
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+CGROUP_PARENT = "labkit"  # every cgroup labkit makes sits below a cgroup of this name
+NETNS_PREFIX = "labkit-"  # named network namespaces: /run/netns/labkit-*
+LINK_PREFIX = "lk"  # network links: lkbr0, lkh1a2b...
+VM_NAME_PREFIX = "labkit-vm"  # qemu's -name, so cleanup can find our VMs
+
+
+def _env_root() -> Path | None:
+    root = os.environ.get("LABKIT_ROOT")
+    return Path(root) if root else None
+
+
+def lib_root() -> Path:
+    """Persistent state: images, layers, container directories."""
+    root = _env_root()
+    return root / "lib" if root else Path("/var/lib/labkit")
+
+
+def run_root() -> Path:
+    """Live state: mount points, pid files, sockets."""
+    root = _env_root()
+    return root / "run" if root else Path("/run/labkit")
+
+
+def images_dir() -> Path:
+    return lib_root() / "images"
+
+
+def containers_dir() -> Path:
+    return lib_root() / "containers"
+
+
+def mounts_dir() -> Path:
+    """Scratch mount points made by the kernel layer (overlay demos, bind mounts)."""
+    return run_root() / "mnt"
+
+
+def roots() -> tuple[Path, Path]:
+    """Both state roots: anything mounted below them belongs to labkit."""
+    return lib_root(), run_root()

@@ -1,0 +1,1 @@
+"""The runtime layer (labkit's runc): one container from a spec."""

@@ -1,0 +1,59 @@
+"""Shared fixtures. Tests run on the real kernel, as root.
+
+Every test session gets its own state root (LABKIT_ROOT) in a temp folder whose name
+starts with 'labkit-', so anything it mounts is both easy to find and easy to remove.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_ROOT = Path(tempfile.mkdtemp(prefix="labkit-test-"))
+os.environ.setdefault("LABKIT_ROOT", str(_SESSION_ROOT))
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_collection_modifyitems(config, items):
+    # The leftover check must see the whole suite finished: run it last.
+    last = [i for i in items if i.nodeid.startswith("tests/test_zz_leftovers.py")]
+    rest = [i for i in items if i not in last]
+    items[:] = rest + last
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SESSION_ROOT.exists() and not any(_SESSION_ROOT.rglob("*")) or True:
+        # only remove it when nothing is mounted below it (never follow a mount)
+        with open("/proc/self/mountinfo") as f:
+            busy = any(str(_SESSION_ROOT) in line for line in f)
+        if not busy:
+            shutil.rmtree(_SESSION_ROOT, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _as_root():
+    if os.geteuid() != 0:
+        pytest.exit("labkit's tests run on the real kernel and need root: sudo make test", 2)
+
+
+def need_tool(name: str) -> str:
+    """The path of a program the test needs, or skip with the reason."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if not path:
+        pytest.skip(f"{name} is not installed (vagrant/provision.sh --dev installs it)")
+    return path
+
+
+@pytest.fixture
+def tmp_dir():
+    """A fresh directory under the session's state root (cleaned by the test that uses it)."""
+    d = Path(tempfile.mkdtemp(prefix="t-", dir=_SESSION_ROOT))
+    yield d
+    with open("/proc/self/mountinfo") as f:
+        busy = any(str(d) in line for line in f)
+    if not busy:
+        shutil.rmtree(d, ignore_errors=True)
