@@ -30,6 +30,22 @@ class LabkitError(Exception):
         msg = str(self)
         return f"{msg} (hint: {self.hint})" if self.hint else msg
 
+    def __reduce__(self):
+        # Errors cross process boundaries (a forked child reports why it failed): pickle
+        # the finished object, not the constructor's arguments.
+        state = dict(self.__dict__)
+        if isinstance(self, OSError):
+            state.update(errno=self.errno, strerror=self.strerror, filename=self.filename)
+        return _restore, (type(self), self.args, state)
+
+
+def _restore(cls: type, args: tuple, state: dict) -> LabkitError:
+    err = cls.__new__(cls)
+    err.args = args
+    for key, value in state.items():
+        setattr(err, key, value)
+    return err
+
 
 class NeedsRoot(LabkitError, PermissionError):
     """Raised before labkit tries something only root may do."""
@@ -120,3 +136,12 @@ def require_root(what: str) -> None:
     """Raise NeedsRoot unless the effective uid is 0."""
     if os.geteuid() != 0:
         raise NeedsRoot(what)
+
+
+class ExecFailed(LabkitError):
+    """A container's command could not be started. ``exit_code`` is what Docker
+    exits with: 127 when the command is not found, 126 when it cannot be executed."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from labkit.errors import LabkitError
@@ -88,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `labkit ps | head`
         return 0
+    except Exception as err:  # a bug in labkit, not the user's mistake: still one line
+        if os.environ.get("LABKIT_DEBUG"):
+            raise
+        print(f"labkit: internal error: {type(err).__name__}: {err} (hint: LABKIT_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

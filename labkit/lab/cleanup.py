@@ -1,0 +1,163 @@
+"""``labkit cleanup``: remove everything labkit made, and nothing else.
+
+labkit names every kernel object it creates so that it can be found again after a crash
+(see labkit/paths.py):
+
+1. processes: everything in a cgroup below a ``labkit`` parent, and qemu VMs named
+   ``labkit-vm*``;
+2. mounts: everything mounted below the state roots (/var/lib/labkit, /run/labkit);
+3. network namespaces named ``labkit-*`` (bind mounts in /run/netns) and links whose
+   name starts with ``lk``;
+4. loop devices whose backing file lies below a state root;
+5. cgroups below the ``labkit`` parents (the empty parents stay, as Docker's do);
+6. live state: the run root (pid files, container state), which is stale once its
+   processes are gone.
+
+Images stay. Running it twice is safe: the second run finds nothing.
+
+Layer: lab. Uses the kernel layer only.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from labkit import paths
+from labkit.errors import require_root
+from labkit.kernel import mounts
+
+LOOP_CLR_FD = 0x4C01
+
+
+def _kill_cgroups() -> list[str]:
+    from labkit.kernel import cgroups
+
+    done = []
+    for name in sorted(cgroups.list_all(), key=lambda n: n.count("/"), reverse=True):
+        cg = cgroups.open(name)
+        pids = cg.procs()
+        if pids:
+            cg.kill()
+            done.append(f"killed {len(pids)} process(es) in cgroup {name}")
+    return done
+
+
+def _kill_vms() -> list[str]:
+    done = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and any(a.startswith(paths.VM_NAME_PREFIX.encode()) for a in argv):
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                done.append(f"killed VM process {entry.name}")
+            except ProcessLookupError:
+                pass
+    return done
+
+
+def _unmount_roots() -> list[str]:
+    done = []
+    for root in paths.roots():
+        if root.exists():
+            done += [f"unmounted {m}" for m in mounts.unmount_below(root)]
+    return done
+
+
+def _remove_netns() -> list[str]:
+    done = []
+    netns_dir = Path("/run/netns")
+    if netns_dir.is_dir():
+        for entry in sorted(netns_dir.iterdir()):
+            if entry.name.startswith(paths.NETNS_PREFIX):
+                mounts.unmount_below(entry)
+                entry.unlink()
+                done.append(f"removed network namespace {entry.name}")
+    return done
+
+
+def _remove_links() -> list[str]:
+    names = [n for n in os.listdir("/sys/class/net") if n.startswith(paths.LINK_PREFIX)]
+    if not names:
+        return []
+    from pyroute2 import IPRoute  # heavy: only when there is something to delete
+
+    done = []
+    with IPRoute() as ipr:
+        for name in names:
+            idx = ipr.link_lookup(ifname=name)
+            if idx:
+                try:
+                    ipr.link("del", index=idx[0])
+                    done.append(f"removed link {name}")
+                except Exception as e:  # noqa: BLE001 - a veth peer vanishes with its twin
+                    if "No such device" not in str(e):
+                        raise
+    return done
+
+
+def _detach_loops() -> list[str]:
+    done = []
+    roots = [str(r) + "/" for r in paths.roots()]
+    for dev in sorted(Path("/sys/block").glob("loop*")):
+        try:
+            backing = (dev / "loop" / "backing_file").read_text().strip()
+        except OSError:
+            continue
+        if any(backing.startswith(r) for r in roots):
+            fd = os.open(f"/dev/{dev.name}", os.O_RDONLY)
+            try:
+                fcntl.ioctl(fd, LOOP_CLR_FD)
+            finally:
+                os.close(fd)
+            done.append(f"detached /dev/{dev.name} ({backing})")
+    return done
+
+
+def _remove_cgroups() -> list[str]:
+    from labkit.kernel import cgroups
+
+    done = []
+    for name in sorted(cgroups.list_all(), key=lambda n: n.count("/"), reverse=True):
+        cgroups.open(name).remove()
+        done.append(f"removed cgroup {name}")
+    return done
+
+
+def _remove_run_state() -> list[str]:
+    run = paths.run_root()
+    if not run.exists() or not any(run.iterdir()):
+        return []
+    if mounts.mounts_below(run):  # never delete through a mount
+        return [f"left {run}: still has mounts"]
+    shutil.rmtree(run)
+    return [f"removed live state {run}"]
+
+
+def cleanup() -> list[str]:
+    """Remove what labkit made; return one line per thing removed."""
+    require_root("removing mounts, cgroups and namespaces")
+    done = _kill_cgroups() + _kill_vms()
+    if done:
+        time.sleep(0.05)  # let the killed processes exit before unmounting their roots
+    for step in (_unmount_roots, _remove_netns, _remove_links, _detach_loops, _remove_cgroups, _remove_run_state):
+        done += step()
+    return done
+
+
+def main() -> int:
+    done = cleanup()
+    for line in done:
+        print(line)
+    if not done:
+        print("nothing to clean up")
+    return 0

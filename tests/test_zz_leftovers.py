@@ -1,0 +1,56 @@
+"""Runs last (see conftest.py): after the whole suite, nothing labkit made is left."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import psutil
+
+from labkit import paths
+from labkit.kernel import cgroups
+
+
+def labkit_mounts() -> list[str]:
+    roots = [str(r) for r in paths.roots()] + [os.environ["LABKIT_ROOT"]]
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    return [p for p in points if "labkit" in p or any(p.startswith(r) for r in roots)]
+
+
+def test_no_mounts_left():
+    assert labkit_mounts() == []
+
+
+def test_no_cgroups_left():
+    assert cgroups.list_all() == []
+
+
+def test_no_network_namespaces_or_links_left():
+    netns = Path("/run/netns")
+    names = os.listdir(netns) if netns.is_dir() else []
+    assert [n for n in names if n.startswith(paths.NETNS_PREFIX)] == []
+    assert [n for n in os.listdir("/sys/class/net") if n.startswith(paths.LINK_PREFIX)] == []
+
+
+def test_no_loop_devices_left():
+    roots = (os.environ["LABKIT_ROOT"], "/var/lib/labkit", "/run/labkit")
+    backing = []
+    for dev in Path("/sys/block").glob("loop*"):
+        f = dev / "loop" / "backing_file"
+        if f.exists() and f.read_text().strip().startswith(roots):
+            backing.append(dev.name)
+    assert backing == []
+
+
+def test_no_processes_left():
+    """No child of the test run is alive, and no labkit VM or lab server runs."""
+    me = psutil.Process()
+    alive = [p for p in me.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+    assert alive == []
+    strays = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if ("qemu-system" in cmd and paths.VM_NAME_PREFIX in cmd) or "labkit-shim" in cmd:
+            strays.append(cmd[:120])
+    assert strays == []
