@@ -55,6 +55,13 @@ def mounts_dir() -> Path:
     return run_root() / "mnt"
 
 
+def cache_root() -> Path:
+    """Downloaded or slow-to-build inputs (the debootstrap tarball): ``$LABKIT_CACHE`` or
+    /var/cache/labkit. Not under the state root, so a fresh ``LABKIT_ROOT`` reuses it, and
+    ``labkit cleanup`` leaves it alone."""
+    return Path(os.environ.get("LABKIT_CACHE", "/var/cache/labkit"))
+
+
 def roots() -> tuple[Path, Path]:
     """Both state roots: anything mounted below them belongs to labkit."""
     return lib_root(), run_root()

@@ -1,0 +1,222 @@
+"""A layer is a tar archive; this module unpacks one into a directory, safely.
+
+An image layer (OCI image-spec ``layer.md``) is a tar of the files that layer adds
+or changes. Two special names record deletions, and overlayfs has its own way to
+say the same thing (Documentation/filesystems/overlayfs.rst), so unpacking
+translates them:
+
+- ``dir/.wh.NAME`` (NAME was deleted) becomes a character device 0/0 named NAME:
+  overlayfs's *whiteout*, which hides NAME in the lower layers;
+- ``dir/.wh..wh..opq`` (dir replaces the lower one entirely) becomes the xattr
+  ``trusted.overlay.opaque=y`` on dir: an *opaque directory*.
+
+A root filesystem holds absolute symlinks (``/bin/sh -> dash`` style links are
+fine, but so is a hostile ``etc -> /etc`` followed by a member ``etc/passwd``).
+Python's ``tarfile`` ``filter='data'`` refuses absolute symlinks, so it cannot
+unpack a real image, and plain ``extractall`` follows them. ``unpack`` therefore
+creates every entry relative to a directory fd (openat(2), mkdirat(2),
+symlinkat(2), linkat(2)) reached with ``O_NOFOLLOW`` from the destination: no
+member can write outside it, whatever its name or the links before it.
+Device nodes are skipped (a container gets its /dev from the runtime).
+
+Layer: engine. Used by images (to store base images and, later, pulled layers).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import stat
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from labkit.engine import safe
+from labkit.errors import InvalidValue
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@dataclass(frozen=True)
+class Unpacked:
+    """What ``unpack`` wrote. ``diff_id`` is the sha256 of the uncompressed tar
+    (the OCI DiffID); ``size_bytes`` counts file contents, each hard link once."""
+
+    diff_id: str
+    entries: int
+    size_bytes: int
+    skipped: tuple[str, ...]
+
+
+class _HashingReader:
+    """Wraps a binary stream and hashes every byte read through it."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha.update(data)
+        return data
+
+    def drain(self) -> None:
+        # tar ends with zero blocks that tarfile may not read; the DiffID covers them.
+        while self.read(1 << 20):
+            pass
+
+
+def _parts(name: str) -> list[str]:
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise InvalidValue("layer member", name, "a path that stays inside the layer (no '..')")
+    return parts
+
+
+class _Tree:
+    """Directory fds below the destination, opened without following symlinks."""
+
+    def __init__(self, dest: Path) -> None:
+        self.fds: dict[tuple[str, ...], int] = {(): os.open(dest, _DIR_FLAGS)}
+
+    def dir(self, parts: list[str] | tuple[str, ...], member: str) -> int:
+        """The fd of directory ``parts``, making missing directories (mode 0755)."""
+        key = tuple(parts)
+        if key in self.fds:
+            return self.fds[key]
+        parent = self.dir(key[:-1], member)
+        try:
+            fd = os.open(key[-1], _DIR_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            os.mkdir(key[-1], 0o755, dir_fd=parent)
+            fd = os.open(key[-1], _DIR_FLAGS, dir_fd=parent)
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise InvalidValue(
+                    "layer member", member, "a path whose directories are not symlinks or files"
+                ) from None
+            raise
+        self.fds[key] = fd
+        return fd
+
+    def forget(self, parts: tuple[str, ...]) -> None:
+        """Drop cached fds at or below ``parts`` (that entry is being replaced)."""
+        for key in [k for k in self.fds if k[: len(parts)] == parts and k]:
+            os.close(self.fds.pop(key))
+
+    def clear(self, parent_fd: int, parts: tuple[str, ...], keep_dir: bool) -> bool:
+        """Make room for a new entry; returns True if a directory stays there."""
+        try:
+            st = os.lstat(parts[-1], dir_fd=parent_fd)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            if keep_dir:
+                return True
+            self.forget(parts)
+            safe.remove_at(parent_fd, parts[-1])
+        else:
+            os.unlink(parts[-1], dir_fd=parent_fd)
+        return False
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def unpack(source: BinaryIO | str | os.PathLike[str], dest: str | os.PathLike[str]) -> Unpacked:
+    """Unpack the tar ``source`` (a path or a readable binary stream) into ``dest``.
+
+    ``dest`` must be an existing directory. Raises ``InvalidValue`` for a member
+    that tries to leave it (``..`` or a path through a symlink).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return unpack(f, dest)
+    reader = _HashingReader(source)
+    tree = _Tree(Path(dest))
+    dir_times: list[tuple[tuple[str, ...], float]] = []
+    entries = size = 0
+    skipped: list[str] = []
+    try:
+        with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+            for member in tar:
+                parts = tuple(_parts(member.name))
+                if not parts:
+                    continue  # the archive's "./" itself: dest already exists
+                base = parts[-1]
+                parent = tree.dir(parts[:-1], member.name)
+                if base == OPAQUE_MARKER:
+                    os.setxattr(parent, OPAQUE_XATTR, b"y")
+                    continue
+                if base.startswith(WHITEOUT_PREFIX):
+                    hidden = parts[:-1] + (base[len(WHITEOUT_PREFIX) :],)
+                    tree.clear(parent, hidden, keep_dir=False)
+                    os.mknod(hidden[-1], stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=parent)
+                    continue
+                if member.isdev():
+                    skipped.append(member.name)
+                    continue
+                # A directory already there keeps its children (a later layer or a
+                # repeated entry only changes its metadata); anything else is replaced.
+                kept_dir = tree.clear(parent, parts, keep_dir=member.isdir())
+                entries += 1
+                if member.isdir():
+                    if not kept_dir:
+                        os.mkdir(base, 0o700, dir_fd=parent)
+                    fd = tree.dir(parts, member.name)
+                    os.chown(fd, member.uid, member.gid)
+                    os.chmod(fd, member.mode & 0o7777)
+                    dir_times.append((parts, member.mtime))
+                elif member.issym():
+                    # The target is stored as written, never resolved: it only means
+                    # something once the layer is the container's root.
+                    os.symlink(member.linkname, base, dir_fd=parent)
+                    os.chown(base, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
+                    os.utime(base, (member.mtime, member.mtime), dir_fd=parent, follow_symlinks=False)
+                elif member.islnk():
+                    target = _parts(member.linkname)
+                    if not target:
+                        raise InvalidValue("hard link", member.linkname, "a file inside the layer")
+                    src_dir = tree.dir(target[:-1], member.linkname)
+                    os.link(target[-1], base, src_dir_fd=src_dir, dst_dir_fd=parent, follow_symlinks=False)
+                elif member.isfifo():
+                    os.mkfifo(base, member.mode & 0o777, dir_fd=parent)
+                    os.chown(base, member.uid, member.gid, dir_fd=parent)
+                elif member.isreg():
+                    size += _write_file(tar, member, parent, base)
+                else:
+                    skipped.append(member.name)
+            reader.drain()
+        # Directory times last: creating their children changed them.
+        for parts, mtime in dir_times:
+            fd = tree.dir(parts, "/".join(parts))
+            os.utime(fd, (mtime, mtime))
+    finally:
+        tree.close()
+    return Unpacked("sha256:" + reader.sha.hexdigest(), entries, size, tuple(skipped))
+
+
+def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, parent: int, base: str) -> int:
+    fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=parent)
+    try:
+        src = tar.extractfile(member)
+        assert src is not None  # a regular member always has data
+        with open(fd, "wb", closefd=False) as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+        # chown clears set-uid bits, so the mode goes on after it.
+        os.chown(fd, member.uid, member.gid)
+        os.chmod(fd, member.mode & 0o7777)
+        os.utime(fd, (member.mtime, member.mtime))
+    finally:
+        os.close(fd)
+    return member.size
