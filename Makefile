@@ -8,8 +8,10 @@ export LABKIT_VENV := $(VENV)
 setup:            ## system packages, the venv, labkit
 	bash vagrant/provision.sh --dev
 
-test: setup       ## set everything up, then run the whole test suite
-	$(PY) -m pytest tests
+NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=300 --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+test: setup       ## set everything up, then run the whole test suite (labkit, then the solutions)
+	LABKIT_QUICK=1 $(PY) -m pytest -p no:cacheprovider $(NBVAL) tests solutions
 
 lab: setup        ## start JupyterLab on http://127.0.0.1:8888
 	bash vagrant/lab.sh

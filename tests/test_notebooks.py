@@ -1,0 +1,218 @@
+"""The notebook framework: generation of notebooks/ from solutions/, the check helpers,
+the figures, the live cgroup monitor, and the proof that every check can fail.
+
+The solutions themselves run under nbval from the test command
+(pytest --nbval-lax ... solutions/); here the *student* notebooks run once, and every
+cell that fails must be an exercise check or an exercise stub, and every check must fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from labkit.lab import checks, notebooks
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+# --- generation -------------------------------------------------------------------------
+
+SOLUTION_CELL = '''# EXERCISE 09.2: do the thing
+# HINT: call do_it()
+def f():
+    x = 1
+    ### BEGIN SOLUTION
+    # HINT: the inner hint stays
+    return do_it(x)
+    ### END SOLUTION
+### BEGIN HIDDEN TESTS
+assert secret()
+### END HIDDEN TESTS
+print("after")'''
+
+
+def test_blank_code_stubs_the_region_keeps_the_rest():
+    out = notebooks.blank_code(SOLUTION_CELL)
+    assert "do_it(x)" not in out and "secret" not in out and "BEGIN" not in out
+    assert "    # HINT: the inner hint stays\n" in out  # the region's hints, at its indentation
+    stub = checks.stub_message("09.2", "call do_it()")
+    assert f"    raise NotImplementedError({stub!r})" in out
+    assert out.startswith("# EXERCISE 09.2") and out.endswith('print("after")')
+    assert notebooks.exercise_ids(out) == ({"09.2"}, set())
+
+
+def test_blank_code_refuses_bad_markers():
+    with pytest.raises(ValueError, match="EXERCISE NN.M"):
+        notebooks.blank_code("### BEGIN SOLUTION\nx = 1\n### END SOLUTION")
+    with pytest.raises(ValueError, match="END SOLUTION"):
+        notebooks.blank_code("# EXERCISE 01.1\n### BEGIN SOLUTION\nx = 1")
+
+
+def test_notebooks_dir_is_up_to_date():
+    res = subprocess.run([PY, "scripts/make_notebooks.py", "--check"], cwd=REPO, capture_output=True, text=True, check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_generate_is_stable_and_clean(tmp_path):
+    src, out = tmp_path / "solutions", tmp_path / "notebooks"
+    src.mkdir()
+    for nb in (REPO / "solutions").glob("0[23]-*.ipynb"):
+        (src / nb.name).write_bytes(nb.read_bytes())
+    first = notebooks.generate(src, out)
+    assert {p.name for p in first} >= {"README.md", "02-namespaces-uts-ipc.ipynb"}
+    assert notebooks.generate(src, out) == []  # nothing changes the second time
+    assert notebooks.stale(src, out) == []
+    student = json.loads((out / "02-namespaces-uts-ipc.ipynb").read_text())
+    cells = student["cells"]
+    assert cells[0]["metadata"]["labkit_nav"] == "top" and cells[-1]["metadata"]["labkit_nav"] == "bottom"
+    assert "[03 " in "".join(cells[0]["source"]) and "(README.md)" in "".join(cells[0]["source"])
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert all(c["outputs"] == [] and c["execution_count"] is None for c in code)
+    assert not any("BEGIN SOLUTION" in "".join(c["source"]) for c in code)
+    assert any(c["metadata"].get("slideshow", {}).get("slide_type") == "slide" for c in cells)
+    (out / "02-namespaces-uts-ipc.ipynb").write_text("{}")  # a hand edit is reported stale
+    assert notebooks.stale(src, out) == [out / "02-namespaces-uts-ipc.ipynb"]
+
+
+# --- check helpers ------------------------------------------------------------------------
+
+
+def test_check_passes_and_fails_with_a_short_hint(capsys):
+    checks.check("01.1", "one is one", lambda: len("a") == 1)
+    assert "exercise 01.1: one is one" in capsys.readouterr().out
+    with pytest.raises(checks.ExerciseFailed) as info:
+        checks.check("01.2", "two is one", lambda: len("ab") == 1, hint="count again")
+    lines = info.value._render_traceback_()
+    assert lines[0].startswith("\u2718 exercise 01.2: two is one") and lines[-1] == "  hint: count again"
+    assert info.value.outcome.status == "fail"
+
+
+def test_a_missing_or_stubbed_exercise_is_todo():
+    with pytest.raises(checks.ExerciseFailed) as info:
+        checks.check("01.3", "defined", lambda: undefined_function())  # noqa: F821
+    assert info.value.outcome.status == "todo"
+    with pytest.raises(checks.ExerciseFailed) as info, checks.exercise("01.4", hint="h"):
+        raise NotImplementedError(checks.stub_message("01.4", "h"))
+    assert info.value.outcome.status == "todo" and "not done yet" in str(info.value)
+    with pytest.raises(ValueError, match="NN.M"):
+        checks.check("1.1", "bad id", lambda: True)
+
+
+def test_value_of_reraises_what_the_child_raised():
+    from labkit.kernel import namespaces
+
+    def stub():
+        raise NotImplementedError(checks.stub_message("02.3"))
+
+    with pytest.raises(NotImplementedError, match="exercise 02.3"):
+        checks.value_of(namespaces.run(stub))
+    with pytest.raises(AssertionError, match="ZeroDivisionError"):
+        checks.value_of(namespaces.run(lambda: 1 / 0))
+    assert checks.value_of(namespaces.run(lambda: 42)) == 42
+
+
+# --- figures --------------------------------------------------------------------------------
+
+
+def test_figures_have_titles_labels_and_the_machine(tmp_path):
+    from labkit.kernel import mounts, namespaces
+    from labkit.lab import plots
+
+    made = [
+        plots.lab_map(),
+        plots.namespace_matrix({"a": namespaces.namespaces_of(), "b": namespaces.namespaces_of(os.getppid())}),
+        plots.process_trees({"host": [(10, 1, "sh"), (11, 10, "sleep")], "inside": [(1, 0, "sh"), (2, 1, "sleep")]}),
+        plots.mount_tables({"here": mounts.mountinfo()}),
+        plots.timeseries({"x": ([0, 1], [2, 3])}, title="t", ylabel="y (%)", what="w"),
+    ]
+    for fig in made:
+        texts = [t.get_text() for t in fig.texts]
+        assert fig._suptitle is not None and fig._suptitle.get_text()
+        assert any(plots.machine() in t for t in texts), texts
+        assert all(ax.get_xlabel() for ax in fig.axes)
+    made[0].savefig(tmp_path / "map.png")
+    assert (tmp_path / "map.png").stat().st_size > 10_000
+    assert plots.machine().startswith("Linux ") and "CPUs" in plots.machine()
+
+
+# --- the live monitor, on a real cgroup ------------------------------------------------------
+
+
+def test_monitor_reads_cpu_and_changes_limits_live():
+    from labkit.kernel import cgroups
+    from labkit.lab.widgets import Monitor, describe
+
+    with cgroups.create(f"test-monitor-{os.getpid()}") as cg:
+        busy = subprocess.Popen(["sh", "-c", "while :; do :; done"])
+        try:
+            cg.add(busy.pid)
+            mon = Monitor(cg, interval=0.2)
+            assert mon.poll().cpu_percent == 0.0  # no interval yet
+            time.sleep(0.4)
+            r = mon.poll()
+            assert r.cpu_percent > 20, r  # a busy loop keeps (most of) a CPU busy
+            assert r.pids == 1 and r.memory_bytes >= 0  # v1 leaves earlier pages charged where they were
+            assert "CPU" in describe(r)["cpu"] and "MiB" in describe(r)["memory"]
+            mon.apply(cpus=0.5, memory_mib=64)
+            limits = cg.stats()
+            assert limits.memory_limit == 64 * 1024 * 1024
+            if cg.version == 1:
+                quota = (cg.paths["cpu"] / "cpu.cfs_quota_us").read_text().strip()
+                assert quota == "50000"
+            else:
+                assert (cg.path / "cpu.max").read_text().split()[0] == "50000"
+            assert list(mon.series()) == ["CPU %", "memory MiB"]
+        finally:
+            busy.send_signal(signal.SIGKILL)
+            busy.wait()
+
+
+# --- the student notebooks fail exactly at their exercises ----------------------------------
+
+
+def _expected_failures(nb_path: Path) -> dict[str, set[str]]:
+    """'Cell N' -> exercise ids, for every code cell that must fail in a student notebook:
+    each check cell, and each cell whose stub raises at the top level of the cell."""
+    nb = json.loads(nb_path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    out = {}
+    for n, cell in enumerate(code):
+        src = "".join(cell["source"])
+        stubs, checked = notebooks.exercise_ids(src)
+        top_level_stub = any(line.startswith("raise NotImplementedError(") for line in src.splitlines())
+        if checked or (stubs and top_level_stub):
+            out[f"Cell {n}"] = checked | stubs
+    return out
+
+
+def test_student_notebooks_fail_at_every_check_and_nowhere_else(tmp_path):
+    report = tmp_path / "nbval.xml"
+    cmd = [PY, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--nbval-lax", "--nbval-current-env",
+           "--nbval-cell-timeout=120", f"--junitxml={report}", "notebooks/"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+    assert report.exists(), res.stdout[-2000:] + res.stderr[-2000:]
+    failed: dict[str, set[str]] = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            # classname "notebooks.02-namespaces-uts-ipc.ipynb" -> the notebook's stem
+            stem = case.get("classname", "").removesuffix(".ipynb").rpartition(".")[2]
+            failed.setdefault(stem, set()).add(case.get("name"))
+    expected_ids = set()
+    for nb_path in sorted((REPO / "notebooks").glob("[0-9][0-9]-*.ipynb")):
+        must = _expected_failures(nb_path)
+        assert must, f"{nb_path.name} has no exercise check"
+        got = failed.get(nb_path.stem, set())
+        assert got == set(must), f"{nb_path.name}: failed {sorted(got)}, expected {sorted(must)}"
+        expected_ids |= set().union(*must.values())
+    assert res.returncode != 0
+    assert all(len(i.split(".")) == 2 for i in expected_ids)
