@@ -146,15 +146,17 @@ def _title(nb: dict, path: Path) -> tuple[str, str]:
     raise InvalidValue("notebook", str(path), "a first markdown cell that starts with '# Title'")
 
 
+def _label(e: Entry) -> str:
+    return e.title if e.title.startswith(e.number) else f"{e.number} {e.title}"
+
+
 def _nav(entries: list[Entry], i: int, where: str) -> dict:
     parts = []
     if i > 0:
-        p = entries[i - 1]
-        parts.append(f"[\u2190 {p.number} {p.title}]({p.name})")
+        parts.append(f"[\u2190 {_label(entries[i - 1])}]({entries[i - 1].name})")
     parts.append(f"[Contents]({CONTENTS})")
     if i + 1 < len(entries):
-        n = entries[i + 1]
-        parts.append(f"[{n.number} {n.title} \u2192]({n.name})")
+        parts.append(f"[{_label(entries[i + 1])} \u2192]({entries[i + 1].name})")
     return {
         "cell_type": "markdown",
         "id": f"nav-{where}",
