@@ -6,11 +6,12 @@ export LABKIT_VENV := $(VENV)
 .PHONY: setup test lab notebooks bench
 
 setup:            ## system packages, the venv, labkit
-	bash vagrant/provision.sh --dev
+	bash vagrant/provision.sh
 
 NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=300 --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-test: setup       ## set everything up, then run the whole test suite (labkit, then the solutions)
+test:             ## set everything up (with the test tools), then run the whole test suite
+	bash vagrant/provision.sh --dev
 	LABKIT_QUICK=1 $(PY) -m pytest -p no:cacheprovider $(NBVAL) tests solutions
 
 lab: setup        ## start JupyterLab on http://127.0.0.1:8888

@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
 # The one set-up script for labkit: the course VM, a plain Linux host and CI all run it.
 #
-#   sudo vagrant/provision.sh          # system packages, venv, labkit
-#   sudo vagrant/provision.sh --dev    # also the tools the test suite uses
+#   sudo vagrant/provision.sh            # system packages, venv, labkit, Jupyter's token
+#   sudo vagrant/provision.sh --dev      # also the tools the test suite uses
+#   sudo vagrant/provision.sh --service  # also JupyterLab as the labkit-lab systemd service
+#                                        # (the course VM; only where systemd is PID 1)
 #
-# Idempotent: a second run installs nothing and takes a few seconds.
+# Idempotent: a second run installs nothing, changes nothing and takes a few seconds.
 # Supported: Debian 12 and Ubuntu 24.04. Other Debian-like systems are untried.
-# Settings (environment): LABKIT_VENV (default /opt/labkit/venv).
+# Settings (environment): LABKIT_VENV (default /opt/labkit/venv), LABKIT_REPO (the
+# checkout; default: the folder this script sits in; Vagrant sets it to /vagrant).
 set -euo pipefail
 
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPO=${LABKIT_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 VENV=${LABKIT_VENV:-/opt/labkit/venv}
 DEV=0
+SERVICE=0
 for arg in "$@"; do
   case "$arg" in
     --dev) DEV=1 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
-    *) echo "provision.sh: unknown option '$arg' (accepted: --dev)" >&2; exit 2 ;;
+    --service) SERVICE=1 ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "provision.sh: unknown option '$arg' (accepted: --dev, --service)" >&2; exit 2 ;;
   esac
 done
 
@@ -27,7 +32,13 @@ if [ "$(id -u)" -ne 0 ]; then
   exit 1
 fi
 
+if [ ! -f "$REPO/pyproject.toml" ]; then
+  echo "provision.sh: $REPO is not the labkit checkout (expected pyproject.toml there; set LABKIT_REPO)" >&2
+  exit 1
+fi
+
 # --- which system ---------------------------------------------------------------
+# shellcheck source=/dev/null
 . /etc/os-release
 case "${ID}:${VERSION_ID:-}" in
   debian:12|ubuntu:24.04) ;;
@@ -94,10 +105,54 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -r "$REPO/requirements.txt"
   "$VENV/bin/python" -m pip install -q --no-deps -e "$REPO"
+  # matplotlib builds its font cache on first import (seconds): do it now, not in a
+  # student's first plot
+  "$VENV/bin/python" -c 'import matplotlib.pyplot' >/dev/null 2>&1 || true
   echo "$want" > "$stamp"
 else
   say "Python packages: up to date"
 fi
-ln -sf "$VENV/bin/labkit" /usr/local/bin/labkit
+# Write a file only when its content differs, so a second run changes nothing on disk.
+put() {  # put PATH MODE < content; returns 0 when it wrote, 1 when nothing changed
+  local tmp
+  tmp=$(mktemp)
+  cat > "$tmp"
+  if cmp -s "$tmp" "$1"; then rm -f "$tmp"; return 1; fi
+  install -m "$2" "$tmp" "$1"; rm -f "$tmp"
+  say "wrote $1"
+}
+[ "$(readlink /usr/local/bin/labkit 2>/dev/null)" = "$VENV/bin/labkit" ] ||
+  ln -sf "$VENV/bin/labkit" /usr/local/bin/labkit
+# labkit-lab: the lab's URL with its token (`sudo labkit-lab url`), and the server itself
+put /usr/local/bin/labkit-lab 0755 <<EOF || true
+#!/bin/sh
+# JupyterLab for the labkit course: 'labkit-lab url' prints the address with the token.
+exec "$VENV/bin/python" -m labkit.lab.jupyter "\$@"
+EOF
+
+# --- JupyterLab: token and kernel -------------------------------------------------
+# The token is made once and kept (/etc/labkit/jupyter_token, 0600); the `labkit`
+# kernelspec is the venv's Python, the default kernel of every notebook.
+lab_setup=$("$VENV/bin/python" -m labkit.lab.jupyter setup)
+say "JupyterLab: $lab_setup"
+
+# --- JupyterLab as a service (the course VM) ---------------------------------------
+if [ "$SERVICE" = 1 ]; then
+  if [ "$(cat /proc/1/comm 2>/dev/null)" != systemd ]; then
+    say "no systemd as PID 1 here: no service installed (start the lab with: sudo make lab)"
+  else
+    unit=/etc/systemd/system/labkit-lab.service
+    if sed -e "s|@VENV@|$VENV|g" -e "s|@REPO@|$REPO|g" -e "s|@WORK@|$REPO/work|g" \
+           -e "s|@PORT@|8888|g" -e "s|@TOKEN_FILE@|/etc/labkit/jupyter_token|g" \
+           "$REPO/vagrant/labkit-lab.service.in" | put "$unit" 0644; then
+      systemctl daemon-reload
+      systemctl enable --quiet labkit-lab
+      systemctl restart labkit-lab
+    elif ! systemctl is-active --quiet labkit-lab; then
+      systemctl enable --quiet --now labkit-lab
+    fi
+    say "JupyterLab: the labkit-lab service is $(systemctl is-active labkit-lab || true); 'sudo labkit-lab url' prints its address"
+  fi
+fi
 
 say "done: labkit $("$VENV/bin/labkit" --version | cut -d' ' -f2) in $VENV"
