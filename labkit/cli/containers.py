@@ -1,0 +1,508 @@
+"""``labkit run / ps / exec / logs / stop / kill / rm / pause / unpause / stats / inspect /
+images``: Docker's container commands, with Docker's flag names and meanings.
+
+Each command turns its flags into a runtime call: ``run`` builds a Spec from the image's
+config and the flags (Docker's defaults otherwise), creates and starts the container,
+and, in the foreground, exits with the container's exit code.
+
+Networking: ``--network none`` (the default here) gives the container a new network
+namespace with only ``lo`` up; ``--network host`` leaves it in the host's. Docker's
+default is a bridge with NAT, which notebook 08 builds by hand.
+
+Layer: the CLI (the docker client). Calls labkit.runtime and labkit.engine.images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import time
+
+from labkit.errors import AlreadyExists, InvalidValue, LabkitError, NotFound
+
+_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
+_ADJECTIVES = ["brave", "calm", "eager", "fond", "gentle", "happy", "jolly", "keen", "lucid", "merry", "nifty", "proud", "quiet", "sharp", "swift", "tender", "vivid", "witty", "zesty", "bold"]  # fmt: skip
+_PEOPLE = ["curie", "hopper", "lovelace", "turing", "noether", "ritchie", "thompson", "torvalds", "hamilton", "babbage", "shannon", "dijkstra", "knuth", "liskov", "lamport", "tanenbaum", "stallman", "allen", "goldberg", "wozniak"]  # fmt: skip
+
+
+def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
+    if command == "run":
+        p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+        p.add_argument("-d", "--detach", action="store_true", help="run in the background, print the id")
+        p.add_argument("--name", help="a name for the container")
+        p.add_argument("-m", "--memory", help="memory limit, e.g. 64m")
+        p.add_argument("--memory-swap", help="memory + swap limit, -1 for unlimited swap")
+        p.add_argument("--cpus", help="number of CPUs, e.g. 0.5")
+        p.add_argument("--cpu-shares", help="relative CPU weight (default 1024)")
+        p.add_argument("--pids-limit", help="most processes at once (-1: unlimited)")
+        p.add_argument("--hostname", help="the container's hostname (default: its short id)")
+        p.add_argument("-e", "--env", action="append", default=[], help="KEY=VALUE (or KEY: the host's value)")
+        p.add_argument("-v", "--volume", action="append", default=[], help="HOST:CONTAINER[:ro] bind mount")
+        p.add_argument("-w", "--workdir", help="working directory inside the container")
+        p.add_argument("-u", "--user", help="UID[:GID] (or a name from the image's /etc/passwd)")
+        p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
+        p.add_argument("--cap-add", action="append", default=[], help="add a capability (or ALL)")
+        p.add_argument("--cap-drop", action="append", default=[], help="drop a capability (or ALL)")
+        p.add_argument("--network", "--net", default="none", help="none (default: only lo) or host")
+        p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
+        p.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
+        p.add_argument("image")
+        p.add_argument("cmd", nargs=argparse.REMAINDER)
+    elif command == "ps":
+        p.add_argument("-a", "--all", action="store_true", help="show stopped containers too")
+        p.add_argument("-q", "--quiet", action="store_true", help="only ids")
+    elif command == "exec":
+        p.add_argument("-i", "--interactive", action="store_true")
+        p.add_argument("-t", "--tty", action="store_true")
+        p.add_argument("-e", "--env", action="append", default=[])
+        p.add_argument("-w", "--workdir")
+        p.add_argument("-u", "--user")
+        p.add_argument("container")
+        p.add_argument("cmd", nargs=argparse.REMAINDER)
+    elif command == "stop":
+        p.add_argument("-t", "--time", type=float, default=10.0, help="seconds before SIGKILL (default 10)")
+        p.add_argument("containers", nargs="+")
+    elif command == "kill":
+        p.add_argument("-s", "--signal", default="KILL", help="signal name or number (default KILL)")
+        p.add_argument("containers", nargs="+")
+    elif command == "rm":
+        p.add_argument("-f", "--force", action="store_true", help="kill a running container first")
+        p.add_argument("containers", nargs="+")
+    elif command == "stats":
+        p.add_argument("--no-stream", action="store_true", help="print one sample and exit")
+        p.add_argument("containers", nargs="*")
+    elif command in ("logs",):
+        p.add_argument("container")
+    elif command in ("pause", "unpause", "inspect"):
+        p.add_argument("containers", nargs="+")
+
+
+def run(command: str, args: argparse.Namespace) -> int:
+    return globals()[f"cmd_{command}"](args)
+
+
+# -- finding containers -------------------------------------------------------------------
+
+
+def resolve(ref: str) -> str:
+    """A container id from a full id, a unique id prefix, or a name."""
+    from labkit.runtime import container
+
+    states = container.list_states()
+    for s in states:
+        if s.id == ref or s.name == ref:
+            return s.id
+    matches = [s.id for s in states if len(ref) >= 3 and s.id.startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise InvalidValue("container id prefix", ref, "more digits: several containers start with it")
+    raise NotFound(f"no such container: {ref}")
+
+
+def _each(refs: list[str], action) -> int:
+    code = 0
+    for ref in refs:
+        try:
+            action(resolve(ref))
+            print(ref)
+        except LabkitError as err:
+            print(f"labkit: {err.one_line()}", file=sys.stderr)
+            code = 1
+    return code
+
+
+# -- run ----------------------------------------------------------------------------------
+
+
+def build_spec(args: argparse.Namespace, container_id: str):
+    """The Spec for `labkit run`'s flags; everything is checked, nothing is created."""
+    from labkit.engine import images
+    from labkit.kernel import security
+    from labkit.kernel.cgroups import Limits
+    from labkit.runtime import state as st
+    from labkit.runtime.spec import DEFAULT_PATH, Mount, Spec, docker_mounts
+
+    limits = Limits.parse(memory=args.memory, memory_swap=args.memory_swap, cpus=args.cpus,
+                          cpu_shares=args.cpu_shares, pids=args.pids_limit)  # fmt: skip
+    if args.network not in ("none", "host"):
+        raise InvalidValue("network", args.network, "none or host (a bridge is built in notebook 08)")
+    volumes = [_volume(v) for v in args.volume]
+    caps = _capabilities(args.cap_add, args.cap_drop, security)
+    image = images.get(args.image)
+    cfg = image.config
+    argv = list(cfg.entrypoint) + (list(args.cmd) if args.cmd else list(cfg.cmd))
+    if not argv:
+        raise InvalidValue("command", "", f"a command: image {args.image} has no CMD, so name one after it")
+    env = {e.split("=", 1)[0]: e for e in (cfg.env or [f"PATH={DEFAULT_PATH}"])}
+    for item in args.env:
+        key, eq, _ = item.partition("=")
+        if not key:
+            raise InvalidValue("environment variable", item, "KEY=VALUE or KEY")
+        env[key] = item if eq else f"{key}={os.environ.get(key, '')}"
+    if args.tty:
+        env.setdefault("TERM", "TERM=xterm")
+    env.setdefault("HOSTNAME", f"HOSTNAME={args.hostname or container_id[:12]}")
+    uid, gid = _user(args.user or cfg.user, image.layers)
+    namespaces = tuple(n for n in ("mount", "network", "uts", "pid", "ipc") if not (n == "network" and args.network == "host"))
+    lib = st.data_dir(container_id)
+    mounts = docker_mounts() + tuple(Mount(dst, "bind", src, ("rbind", "ro" if ro else "rw")) for src, dst, ro in volumes)
+    return Spec(
+        args=tuple(argv), env=tuple(env.values()), cwd=args.workdir or cfg.working_dir or "/", uid=uid, gid=gid,
+        hostname=args.hostname or container_id[:12], rootfs=str(st.container_dir(container_id) / "rootfs"),
+        readonly=args.read_only, layers=tuple(str(p) for p in image.layers), upper=str(lib / "upper"),
+        work=str(lib / "work"), mounts=mounts, namespaces=namespaces, limits=limits if limits.given() else None,
+        capabilities=caps, terminal=args.tty,
+    ).validate(), image  # fmt: skip
+
+
+def _volume(text: str) -> tuple[str, str, bool]:
+    parts = text.split(":")
+    form = "HOST_PATH:CONTAINER_PATH[:ro|rw] with absolute paths, e.g. /tmp/data:/data:ro"
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+        raise InvalidValue("volume", text, form)
+    src, dst = parts[0], parts[1]
+    if not src.startswith("/") or not dst.startswith("/"):
+        raise InvalidValue("volume", text, form)
+    if not os.path.exists(src):
+        raise NotFound(f"volume source {src!r} does not exist on the host (create it first)")
+    return os.path.realpath(src), dst, len(parts) == 3 and parts[2] == "ro"
+
+
+def _capabilities(add: list[str], drop: list[str], security) -> tuple[str, ...]:
+    caps = list(security.DOCKER_DEFAULT_CAPS)
+    if any(c.upper() == "ALL" for c in add):
+        caps = ["CAP_" + n for n in security.CAPABILITIES]
+    caps += [security.cap_name(c) for c in add if c.upper() != "ALL"]
+    if any(c.upper() == "ALL" for c in drop):
+        caps = [security.cap_name(c) for c in add if c.upper() != "ALL"]
+    dropped = {security.cap_name(c) for c in drop if c.upper() != "ALL"}
+    # a process can keep only what its parent has: we may lack one (e.g. SYS_RESOURCE)
+    have = security.capsets().bounding
+    return tuple(dict.fromkeys(c for c in caps if c not in dropped and have >> security.CAPABILITIES[c[4:]] & 1))
+
+
+def _user(text: str, layers) -> tuple[int, int]:
+    if not text:
+        return 0, 0
+    name, _, group = text.partition(":")
+    form = "UID[:GID] as numbers, or a user name from the image's /etc/passwd"
+    if name.isdigit() and (not group or group.isdigit()):
+        return int(name), int(group or name)
+    for layer in layers:  # top layer first: the first /etc/passwd found is the one seen
+        passwd = os.path.join(layer, "etc/passwd")
+        if os.path.isfile(passwd) and not os.path.islink(passwd):
+            with open(passwd) as f:
+                for line in f:
+                    fields = line.strip().split(":")
+                    if len(fields) >= 4 and fields[0] == name:
+                        return int(fields[2]), int(group) if group.isdigit() else int(fields[3])
+            break
+    raise InvalidValue("user", text, form)
+
+
+def _new_name(taken: set[str]) -> str:
+    for _ in range(100):
+        i = int.from_bytes(os.urandom(2), "big")
+        name = f"{_ADJECTIVES[i % len(_ADJECTIVES)]}_{_PEOPLE[(i >> 8) % len(_PEOPLE)]}"
+        if name not in taken:
+            return name
+    return f"{name}{os.urandom(2).hex()}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from labkit.runtime import container
+
+    taken = {s.name for s in container.list_states()}
+    if args.name is not None:
+        if not _NAME.fullmatch(args.name):
+            raise InvalidValue("container name", args.name, "letters, digits, '_', '.', '-', e.g. web1")
+        if args.name in taken:
+            raise AlreadyExists(f"container name {args.name!r} is already in use (labkit rm {args.name})")
+    container_id = os.urandom(32).hex()
+    spec, image = build_spec(args, container_id)
+    name = args.name or _new_name(taken)
+    common = {"name": name, "image": image.ref, "auto_remove": args.rm}
+    if args.detach:
+        master = slave = None
+        if args.tty:
+            from labkit.runtime import tty
+
+            master, slave, path = tty.open_pty()
+            stdio = container.Stdio(slave, slave, slave)
+            container.create(container_id, spec, stdio=stdio, detach=True, console=path, pty_master=master, **common)
+            os.close(slave)
+            os.close(master)
+        else:
+            container.create(container_id, spec, detach=True, **common)
+        container.start(container_id)
+        print(container_id)
+        return 0
+    return _run_foreground(container_id, spec, args, common)
+
+
+def _run_foreground(container_id: str, spec, args, common) -> int:
+    from labkit.runtime import container
+
+    null = os.open(os.devnull, os.O_RDONLY)
+    master = None
+    try:
+        if args.tty:
+            from labkit.runtime import tty
+
+            master, slave, path = tty.open_pty()
+            stdio = container.Stdio(slave, slave, slave)
+            state = container.create(container_id, spec, stdio=stdio, detach=False, console=path,
+                                     pty_master=master, **common)  # fmt: skip
+            os.close(slave)
+        else:
+            stdio = container.Stdio(0 if args.interactive else null, 1, 2)
+            state = container.create(container_id, spec, stdio=stdio, detach=False, **common)
+        # Ctrl-C and `kill` reach labkit: pass them on, as docker's --sig-proxy does
+        def forward(sig, _frame):
+            try:
+                os.kill(state.pid, sig)
+            except ProcessLookupError:
+                pass
+
+        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            container.start(container_id)
+            if master is not None:
+                from labkit.runtime import tty
+
+                tty.relay(master, lambda: container.load(container_id).status.value == "stopped")
+            code = container.wait_shim(container_id)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+    finally:
+        os.close(null)
+        if master is not None:
+            os.close(master)
+    if args.rm:
+        container.delete(container_id, force=True)
+    return code
+
+
+# -- the other verbs ----------------------------------------------------------------------
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from labkit.runtime import container
+
+    states = [s for s in container.list_states() if args.all or s.status.value in ("running", "paused", "created")]
+    if args.quiet:
+        for s in reversed(states):
+            print(s.id[:12])
+        return 0
+    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES")]
+    now = time.time()
+    for s in reversed(states):  # newest first, as docker ps
+        command = " ".join(s.command)
+        command = json.dumps(command if len(command) <= 20 else command[:19] + "…", ensure_ascii=False)
+        rows.append((s.id[:12], s.image or "-", command, _ago(now - s.created) + " ago", _status(s, now), s.name))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def _status(s, now: float) -> str:
+    if s.status.value == "running":
+        return f"Up {_ago(now - s.started)}"
+    if s.status.value == "paused":
+        return f"Up {_ago(now - s.started)} (Paused)"
+    if s.status.value == "stopped":
+        code = "?" if s.exit_code is None else s.exit_code
+        when = f" {_ago(now - s.finished)} ago" if s.finished else ""
+        return f"Exited ({code}){when}" + (" (OOM killed)" if s.oom_killed else "")
+    return s.status.value.capitalize()
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            n = seconds // size
+            return f"{n} {unit}{'s' if n > 1 else ''}"
+    return "Less than a second" if seconds < 1 else f"{seconds} second{'s' if seconds > 1 else ''}"
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from labkit.runtime import container, execute
+
+    if not args.cmd:
+        raise InvalidValue("command", "", "a command to run, e.g. labkit exec web1 sh")
+    cid = resolve(args.container)
+    uid = gid = None
+    if args.user:
+        uid, gid = _user(args.user, [str(container.spec_of(cid).rootfs)])
+    for item in args.env:
+        if "=" not in item:
+            raise InvalidValue("environment variable", item, "KEY=VALUE")
+    if args.tty:
+        from labkit.runtime import tty
+
+        master, slave, _ = tty.open_pty()
+        pid = execute.exec_in(cid, args.cmd, env=args.env, cwd=args.workdir, uid=uid, gid=gid,
+                              stdio=container.Stdio(slave, slave, slave), terminal=True, wait=False)  # fmt: skip
+        os.close(slave)
+        exited = []
+
+        def done() -> bool:
+            if not exited and os.waitpid(pid, os.WNOHANG)[0]:
+                exited.append(True)
+            return bool(exited)
+
+        tty.relay(master, done)
+        os.close(master)
+        if not exited:
+            status = os.waitpid(pid, 0)[1]
+            code = os.waitstatus_to_exitcode(status)
+            return 128 - code if code < 0 else code
+        return 0
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        stdio = container.Stdio(0 if args.interactive else null, 1, 2)
+        return execute.exec_in(cid, args.cmd, env=args.env, cwd=args.workdir, uid=uid, gid=gid, stdio=stdio)
+    finally:
+        os.close(null)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from labkit.runtime import container
+
+    path = container.log_path(resolve(args.container))
+    if path.exists():
+        with open(path, "rb") as f:
+            sys.stdout.buffer.write(f.read())
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from labkit.runtime import container
+
+    return _each(args.containers, lambda cid: container.stop(cid, args.time))
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    from labkit.runtime import container
+
+    sig = parse_signal(args.signal)
+    return _each(args.containers, lambda cid: container.kill(cid, sig))
+
+
+def parse_signal(text: str) -> int:
+    name = text.upper()
+    if name.isdigit() and 0 < int(name) < signal.NSIG:
+        return int(name)
+    try:
+        return int(signal.Signals[name if name.startswith("SIG") else "SIG" + name])
+    except KeyError:
+        raise InvalidValue("signal", text, "a name like TERM, SIGKILL or a number like 9") from None
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from labkit.runtime import container
+
+    return _each(args.containers, lambda cid: container.delete(cid, force=args.force))
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    from labkit.runtime import container
+
+    return _each(args.containers, container.pause)
+
+
+def cmd_unpause(args: argparse.Namespace) -> int:
+    from labkit.runtime import container
+
+    return _each(args.containers, container.resume)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from labkit.runtime import container
+
+    out = []
+    for ref in args.containers:
+        try:
+            cid = resolve(ref)
+        except NotFound:
+            from labkit.engine import images
+
+            img = images.get(ref) if ":" in ref or ref in {i.name for i in images.list_images()} else None
+            if img is None:
+                raise
+            out.append({"Id": img.id, "RepoTags": [img.ref], "Created": img.created, "Size": img.size_bytes,
+                        "Config": img.config.to_oci(), "Layers": [str(p) for p in img.layers]})  # fmt: skip
+            continue
+        s = container.load(cid)
+        doc = s.to_json()
+        doc["State"] = {"Status": s.status.value, "Pid": s.pid if s.status.value != "stopped" else 0,
+                        "ExitCode": s.exit_code, "OOMKilled": s.oom_killed}  # fmt: skip
+        doc["Config"] = container.spec_of(cid).to_oci()
+        doc["LogPath"] = str(container.log_path(cid))
+        out.append(doc)
+    print(json.dumps(out, indent=4))
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from labkit.engine import images
+
+    print(images.format_table(images.list_images()))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from labkit.kernel import cgroups
+    from labkit.runtime import container
+
+    ids = [resolve(r) for r in args.containers] or [s.id for s in container.list_states()
+                                                      if s.status.value in ("running", "paused")]  # fmt: skip
+    groups = {}
+    for cid in ids:
+        try:
+            groups[cid] = (container.load(cid), cgroups.open(container.load(cid).cgroup))
+        except NotFound:
+            continue
+    for _ in range(1 if args.no_stream else 10**6):
+        before = {cid: (time.monotonic(), cg.stats()) for cid, (_, cg) in groups.items()}
+        time.sleep(0.5)
+        rows = [("CONTAINER ID", "NAME", "CPU %", "MEM USAGE / LIMIT", "MEM %", "PIDS")]
+        for cid, (s, cg) in groups.items():
+            try:
+                now = cg.stats()
+            except LabkitError:
+                continue
+            t0, old = before[cid]
+            cpu = ((now.cpu_usage_ns or 0) - (old.cpu_usage_ns or 0)) / ((time.monotonic() - t0) * 1e9) * 100
+            limit = now.memory_limit or _host_memory()
+            mem = now.memory_current or 0
+            rows.append((cid[:12], s.name, f"{cpu:.2f}%", f"{_size(mem)} / {_size(limit)}",
+                         f"{mem / limit * 100:.2f}%", str(now.pids_current or 0)))  # fmt: skip
+        if not args.no_stream:
+            print("\033[2J\033[H", end="")
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), flush=True)
+        if args.no_stream:
+            break
+    return 0
+
+
+def _host_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.4g}{unit}"
+        n /= 1024
+    return f"{n}"

@@ -1,0 +1,113 @@
+"""Run another process inside a running container, as ``docker exec`` and ``runc exec`` do.
+
+A container is nothing but a set of namespaces and a cgroup that its processes share.
+Joining one later takes the same steps as nsenter(1), plus the cgroup:
+
+    fork ---- child: setns(pid)          (applies to the child's next child only)
+                fork --- grandchild: join the container's cgroup (write 0 to cgroup.procs)
+                                     setns(ipc, uts, net, cgroup, mnt): mnt last, since
+                                       after it every path resolves inside the container
+                                     capabilities, uid/gid, cwd, env: as the container's
+                                     execve(command)
+              child waits and exits with the grandchild's code
+
+Man pages: setns(2), nsenter(1), pid_namespaces(7).
+Layer: runtime. Used by the CLI (labkit exec) and the notebooks.
+"""
+
+from __future__ import annotations
+
+import os
+
+from labkit.errors import ExecFailed, LabkitError
+from labkit.kernel import syscalls
+from labkit.runtime import init
+from labkit.runtime.container import Stdio, _set_stdio, load, spec_of
+from labkit.runtime.spec import NAMESPACES
+from labkit.runtime.state import check
+
+# setns order: the pid namespace first (it only affects children), the mount one last
+_ORDER = ("pid", "ipc", "uts", "network", "cgroup", "mount")
+
+
+def exec_in(
+    container_id: str,
+    args: list[str],
+    *,
+    env: list[str] | None = None,
+    cwd: str | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+    stdio: Stdio | None = None,
+    terminal: bool = False,
+    wait: bool = True,
+) -> int:
+    """Run ``args`` in the container; return its exit code (or its host pid with wait=False)."""
+    from labkit.kernel import cgroups
+
+    state = load(container_id)
+    check("exec", container_id, state.status)
+    base = spec_of(container_id)
+    changes: dict = {"args": tuple(args), "terminal": terminal}
+    if env:
+        changes["env"] = tuple(base.env) + tuple(env)
+    if cwd:
+        changes["cwd"] = cwd
+    if uid is not None:
+        changes.update(uid=uid, gid=gid if gid is not None else uid)
+    spec = base.replace(**changes).validate()
+    cg = cgroups.open(state.cgroup)
+    # open the namespace files now: if init dies meanwhile, they still name its namespaces
+    ns_fds = {}
+    for ns in _ORDER:
+        if ns in spec.namespaces:
+            ns_fds[ns] = os.open(f"/proc/{state.pid}/ns/{NAMESPACES[ns]}", os.O_RDONLY | os.O_CLOEXEC)
+    err_r, err_w = os.pipe()
+    stdio = stdio or Stdio(0, 1, 2)
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(err_r)
+            if "pid" in ns_fds:
+                syscalls.setns(ns_fds.pop("pid"), syscalls.CloneFlags.CLONE_NEWPID)
+            grandchild = os.fork()
+            if grandchild == 0:
+                _enter(spec, cg, ns_fds, stdio, err_w)
+            os.close(err_w)
+            status = os.waitpid(grandchild, 0)[1]
+            code = os.waitstatus_to_exitcode(status)
+            os._exit(128 - code if code < 0 else code)
+        finally:
+            os._exit(1)
+    for fd in (err_w, *ns_fds.values()):
+        os.close(fd)
+    with os.fdopen(err_r, "r") as report:
+        message = report.read().strip()  # EOF once execve succeeded (the pipe is CLOEXEC)
+    if message:
+        os.waitpid(child, 0)
+        _, code, text = message.split(" ", 2)
+        raise ExecFailed(text, int(code))
+    if not wait:
+        return child
+    code = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+    return 128 - code if code < 0 else code
+
+
+def _enter(spec, cg, ns_fds: dict[str, int], stdio: Stdio, err_w: int) -> None:
+    try:
+        cg.add(0)  # 0: "the process writing this"; before setns(mnt) hides the host's /sys
+        for fd in ns_fds.values():
+            syscalls.setns(fd, 0)
+            os.close(fd)
+        _set_stdio(stdio, spec.terminal)
+        os.chdir("/")
+        exe = init.find_executable(spec)
+        init.finish_and_exec(spec, exe)
+    except init.InitError as err:
+        init.send(err_w, f"error {err.code} {err}")
+        os._exit(err.code)
+    except LabkitError as err:
+        init.send(err_w, f"error 1 {err.one_line()}")
+    except BaseException as err:  # noqa: BLE001 - nothing may escape a forked child
+        init.send(err_w, f"error 1 exec: {err}")
+    os._exit(1)

@@ -1,0 +1,72 @@
+"""Test helpers for containers: a busybox OCI bundle, and a check that nothing is left."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+LABKIT = [sys.executable, "-m", "labkit"]
+
+
+def busybox_rootfs(root: Path) -> Path:
+    """A minimal root filesystem: static busybox and a link per applet."""
+    (root / "bin").mkdir(parents=True)
+    shutil.copy2(BUSYBOX, root / "bin" / "busybox")
+    applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    for name in applets:
+        if name != "busybox":
+            os.symlink("busybox", root / "bin" / name)
+    for d in ("proc", "sys", "dev", "etc", "tmp", "mnt"):
+        (root / d).mkdir(exist_ok=True)
+    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")
+    return root
+
+
+def bundle(dir_: Path, args: list[str], **changes) -> Path:
+    """An OCI bundle in ``dir_`` from labkit's `runtime spec` with ``args``, no terminal."""
+    from labkit.runtime.spec import Spec
+
+    if not (dir_ / "rootfs").exists():
+        busybox_rootfs(dir_ / "rootfs")
+    spec = Spec.runc(args=tuple(args), terminal=False, env=("PATH=/bin",), **changes)
+    spec.save(dir_)
+    return dir_
+
+
+def edit_config(dir_: Path, change) -> None:
+    path = dir_ / "config.json"
+    doc = json.loads(path.read_text())
+    change(doc)
+    path.write_text(json.dumps(doc, indent=2))
+
+
+def labkit(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*LABKIT, *args], capture_output=True, text=True, timeout=timeout, check=False, **kw)
+
+
+def leftovers() -> list[str]:
+    """Containers' traces: state dirs, container dirs, cgroups, shims."""
+    from labkit import paths
+    from labkit.kernel import cgroups
+
+    found = []
+    for d in (paths.run_root() / "containers", paths.containers_dir()):
+        if d.is_dir():
+            found += [str(p) for p in d.iterdir()]
+    # only the ids these tests make (other suites may run containers/ groups of their own)
+    found += [f"cgroup {n}" for n in cgroups.list_all() if re.fullmatch(r"containers/([0-9a-f]{64}|rt\d+)", n)]
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                if "(labkit-shim)" in stat and stat.rsplit(")", 1)[1].split()[0] != "Z":
+                    found.append(f"shim {pid}")
+            except OSError:
+                pass
+    return found

@@ -1,0 +1,183 @@
+"""`labkit run` and friends, as a user types them: each flag is observed from inside the
+container; bad input is one line and creates nothing; removing never touches the host."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+from bundles import LABKIT, labkit, leftovers
+
+from labkit.errors import LabkitError
+
+
+@pytest.fixture(autouse=True)
+def clean():
+    yield
+    for line in labkit("ps", "-a", "-q").stdout.split():
+        labkit("rm", "-f", line)
+    assert leftovers() == []
+
+
+def inside(*args: str) -> str:
+    """stdout of `labkit run --rm ... busybox CMD`, asserting it exits 0."""
+    *flags, cmd = args
+    r = labkit("run", "--rm", *flags, "busybox", "sh", "-c", cmd)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+@pytest.mark.parametrize("flags, cmd, expect", [
+    (["-e", "GREETING=hi"], "echo $GREETING", "hi"),
+    (["-w", "/tmp"], "pwd", "/tmp"),
+    (["-u", "1000:1001"], "id -u; id -g; grep CapEff /proc/self/status", "1000\n1001\nCapEff:\t0000000000000000"),
+    (["--hostname", "box1"], "hostname", "box1"),
+    (["--read-only"], "touch /x 2>/dev/null || echo ro", "ro"),
+    (["--cap-drop", "NET_RAW"], "grep CapBnd /proc/self/status", "CapBnd:\t00000000a80405fb"),
+    (["--cap-add", "SYS_ADMIN"], "grep CapBnd /proc/self/status", "CapBnd:\t00000000a82425fb"),
+    (["--network", "none"], "ls /sys/class/net", "lo"),
+    (["-m", "48m"], "cat /sys/fs/cgroup/memory/memory.limit_in_bytes", str(48 << 20)),
+    (["--cpus", "0.5"], "cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us", "50000"),
+    (["--cpu-shares", "512"], "cat /sys/fs/cgroup/cpu/cpu.shares", "512"),
+    (["--pids-limit", "7"], "cat /sys/fs/cgroup/pids/pids.max", "7"),
+])  # fmt: skip
+def test_run_flag_is_seen_inside(flags, cmd, expect):
+    assert inside(*flags, cmd) == expect
+
+
+def test_default_is_docker_like():
+    out = inside("echo $$; hostname | wc -c; grep CapEff /proc/self/status; cat /proc/kcore | wc -c")
+    assert out.split("\n") == ["1", "13", "CapEff:\t00000000a80425fb", "0"]
+
+
+def test_network_host_keeps_the_host_interfaces():
+    assert inside("--network", "host", "ls /sys/class/net") .split() == sorted(os.listdir("/sys/class/net"))
+
+
+def test_volume_and_readonly_volume(tmp_dir):
+    (tmp_dir / "f").write_text("from host")
+    assert inside("-v", f"{tmp_dir}:/data", "cat /data/f; echo new > /data/g") == "from host"
+    assert (tmp_dir / "g").read_text() == "new\n"
+    assert inside("-v", f"{tmp_dir}:/data:ro", "echo x > /data/h 2>/dev/null || echo denied") == "denied"
+
+
+def test_stdin_with_i_and_terminal_with_t():
+    r = labkit("run", "--rm", "-i", "busybox", "cat", input="piped\n")
+    assert r.stdout == "piped\n"
+    r = labkit("run", "--rm", "busybox", "cat", input="ignored\n")
+    assert r.stdout == ""  # without -i, stdin is /dev/null as in docker
+    r = labkit("run", "--rm", "-t", "busybox", "sh", "-c", "test -t 0 && test -t 1 && echo tty")
+    assert r.stdout.strip() == "tty"
+
+
+def test_exit_code_and_missing_command():
+    assert labkit("run", "--rm", "busybox", "sh", "-c", "exit 42").returncode == 42
+    r = labkit("run", "busybox", "nosuch")
+    assert r.returncode == 127
+    assert r.stderr == 'labkit: exec: "nosuch": executable file not found in $PATH\n'
+    assert labkit("ps", "-a", "-q").stdout == ""
+
+
+def test_detached_lifecycle_with_ps_logs_exec_pause_stop_rm():
+    r = labkit("run", "-d", "--name", "web", "busybox", "sh", "-c", "echo ready; trap 'exit 3' TERM; "
+               "while true; do date +%s%N > /tmp/t; usleep 10000; done")  # fmt: skip
+    assert r.returncode == 0 and len(r.stdout.strip()) == 64
+    cid = r.stdout.strip()
+    ps = labkit("ps").stdout
+    assert cid[:12] in ps and "web" in ps and "Up" in ps
+    _until(lambda: labkit("logs", "web").stdout == "ready\n")
+    assert labkit("exec", "web", "cat", "/proc/1/cmdline").stdout.startswith("sh")
+    assert labkit("pause", "web").returncode == 0
+    assert "(Paused)" in labkit("ps").stdout
+    a = labkit("exec", "web", "true")
+    assert a.returncode != 0 and "paused" in a.stderr
+    assert labkit("unpause", "web").returncode == 0
+    stats = labkit("stats", "--no-stream", "web").stdout
+    assert "web" in stats and "MiB" in stats or "KiB" in stats
+    assert '"Status": "running"' in labkit("inspect", "web").stdout
+    assert labkit("stop", "-t", "5", "web").returncode == 0
+    assert "Exited (3)" in labkit("ps", "-a").stdout
+    assert labkit("rm", "web").returncode == 0
+    assert labkit("ps", "-a", "-q").stdout == ""
+
+
+def test_oom_kill_shows_137_in_ps():
+    r = labkit("run", "--name", "hog", "-m", "32m", "busybox", "sh", "-c",
+               "x=a; while true; do x=$x$x; done")  # fmt: skip
+    assert r.returncode == 137
+    ps = labkit("ps", "-a").stdout
+    assert "Exited (137)" in ps and "OOM killed" in ps
+
+
+def test_fork_loop_stops_at_pids_limit():
+    r = labkit("run", "--rm", "--pids-limit", "10", "busybox", "sh", "-c",
+               "(for i in $(seq 30); do sleep 5 & done) 2>/dev/null; "
+               "cat /sys/fs/cgroup/pids/pids.current /sys/fs/cgroup/pids/pids.max", timeout=30)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    current, limit = r.stdout.split()
+    assert limit == "10" and 8 <= int(current) <= 10  # the loop got as far as the limit, no further
+
+
+@pytest.mark.parametrize("args, words", [
+    (["-m", "64XB"], "invalid memory limit '64XB'"),
+    (["--cpus", "-1"], "invalid cpus '-1'"),
+    (["-v", "/no/such/host/dir:/x"], "'/no/such/host/dir' does not exist"),
+    (["-v", "relative:/x"], "invalid volume"),
+    (["--network", "bridge"], "invalid network 'bridge'"),
+    (["--cap-add", "FLY"], "invalid capability 'FLY'"),
+    (["-u", "nobodyhere"], "invalid user"),
+])  # fmt: skip
+def test_bad_input_is_one_line_and_creates_nothing(args, words):
+    r = labkit("run", *args, "busybox", "true")
+    assert r.returncode != 0 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("labkit: ") and words in r.stderr, r.stderr
+    assert leftovers() == []
+
+
+def test_missing_image_and_taken_name():
+    r = labkit("run", "nosuchimage", "true")
+    assert r.returncode != 0 and "no such image 'nosuchimage'" in r.stderr and r.stderr.count("\n") == 1
+    assert labkit("run", "-d", "--name", "taken", "busybox", "sleep", "30").returncode == 0
+    r = labkit("run", "--name", "taken", "busybox", "true")
+    assert r.returncode != 0 and "'taken' is already in use" in r.stderr
+    assert len(labkit("ps", "-a", "-q").stdout.split()) == 1
+
+
+def test_rm_force_with_a_host_bind_mount_leaves_the_host_dir(tmp_dir):
+    (tmp_dir / "keep").write_text("precious")
+    assert labkit("run", "-d", "--name", "vol", "-v", f"{tmp_dir}:/data", "busybox", "sleep", "30").returncode == 0
+    assert labkit("rm", "-f", "vol").returncode == 0
+    assert (tmp_dir / "keep").read_text() == "precious"
+
+
+def test_sigkill_of_labkit_run_then_cleanup_leaves_nothing():
+    from labkit.lab.cleanup import cleanup
+
+    p = subprocess.Popen([*LABKIT, "run", "busybox", "sleep", "30"], stdout=subprocess.DEVNULL)
+    _until(lambda: "sleep" in labkit("ps").stdout)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    try:
+        for _ in range(3):  # the shim may remove the emptied cgroup while cleanup walks the tree
+            try:
+                cleanup()
+                break
+            except LabkitError:  # NotFound, or ENODEV reading a group removed meanwhile
+                time.sleep(0.1)
+        _until(lambda: leftovers() == [])
+    finally:  # whatever cleanup missed must not fail the tests after this one
+        from labkit import paths
+        from labkit.engine import safe
+
+        for d in paths.containers_dir().iterdir() if paths.containers_dir().is_dir() else ():
+            safe.remove_tree(d, within=paths.lib_root())
+
+
+def _until(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

@@ -1,0 +1,228 @@
+"""The runtime on the real kernel: spec, init's sequence, the lifecycle state machine,
+exec, pause, and what a failing create leaves (nothing)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from bundles import bundle, busybox_rootfs, leftovers
+
+from labkit.errors import ExecFailed, InvalidValue, NotFound, StateError, Unsupported
+from labkit.kernel import namespaces as ns
+from labkit.runtime import container, execute
+from labkit.runtime.container import Stdio
+from labkit.runtime.init import parse_options, secure_join
+from labkit.runtime.spec import Mount, Spec
+from labkit.runtime.state import Status
+
+
+@pytest.fixture
+def clean():
+    yield
+    for cid in container.ids():
+        container.delete(cid, force=True)
+    assert leftovers() == []
+
+
+def out_err(tmp_dir):
+    """Files for a container's stdout/stderr, and a reader."""
+    path = tmp_dir / "out.txt"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    return fd, lambda: path.read_text()
+
+
+# -- spec: pure ---------------------------------------------------------------------------
+
+
+def test_spec_round_trips_through_oci_json(tmp_dir):
+    from labkit.kernel.cgroups import Limits
+
+    spec = Spec.docker(["sh", "-c", "id"], hostname="box", limits=Limits.parse(memory="64m", cpus=0.5, pids=20),
+                       mounts=(Mount("/data", "bind", str(tmp_dir), ("rbind", "ro")),))
+    spec.save(tmp_dir)
+    back = Spec.load(tmp_dir)
+    assert back == spec
+    doc = spec.to_oci()
+    assert doc["linux"]["resources"] == {"memory": {"limit": 64 << 20}, "cpu": {"quota": 50000, "period": 100000},
+                                         "pids": {"limit": 20}}
+    assert len(doc["process"]["capabilities"]["bounding"]) == 14
+
+
+def test_docker_defaults():
+    spec = Spec.docker(["true"])
+    assert {m.destination for m in spec.mounts} >= {"/proc", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys"}
+    assert "/proc/kcore" in spec.masked_paths and "/proc/sys" in spec.readonly_paths
+    assert set(spec.namespaces) == {"mount", "network", "uts", "pid", "ipc"}
+    assert not spec.no_new_privileges
+    assert Spec.runc().capabilities == ("CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE")
+
+
+@pytest.mark.parametrize("change, word", [
+    ({"args": ()}, "command"),
+    ({"env": ("NOEQUALS",)}, "environment"),
+    ({"cwd": "relative"}, "working directory"),
+    ({"namespaces": ("pid", "pid")}, "namespace list"),
+    ({"namespaces": ("pid", "bogus")}, "namespace type"),
+    ({"capabilities": ("CAP_FLY",)}, "capability"),
+    ({"hostname": "bad host"}, "hostname"),
+    ({"uid": -1}, "uid"),
+])  # fmt: skip
+def test_spec_validation_names_the_bad_value(change, word):
+    with pytest.raises(InvalidValue) as info:
+        Spec.docker(["true"]).replace(**change).validate()
+    assert word in str(info.value)
+
+
+def test_spec_rejects_user_namespaces_and_missing_bind_sources():
+    with pytest.raises(Unsupported):
+        Spec.docker(["true"], namespaces=("mount", "user")).validate()
+    with pytest.raises(NotFound, match="/no/such/dir"):
+        Spec.docker(["true"], mounts=(Mount("/x", "bind", "/no/such/dir", ("rbind",)),)).validate()
+
+
+def test_secure_join_never_leaves_the_root(tmp_dir):
+    root = tmp_dir / "r"
+    (root / "etc").mkdir(parents=True)
+    os.symlink("/", root / "escape")
+    os.symlink("../../../..", root / "etc" / "up")
+    assert secure_join(str(root), "/escape/etc") == f"{root}/etc"
+    assert secure_join(str(root), "/etc/up/tmp") == f"{root}/tmp"
+    assert secure_join(str(root), "../../x") == f"{root}/x"
+
+
+def test_mount_options_split_into_flags_and_data():
+    flags, data = parse_options(("nosuid", "ro", "mode=755", "size=65536k", "rprivate"))
+    assert flags == 1 | 2 and data == "mode=755,size=65536k"
+
+
+# -- lifecycle on the kernel --------------------------------------------------------------
+
+
+def test_run_reports_exit_code_and_isolates(tmp_dir, clean):
+    b = bundle(tmp_dir, ["sh", "-c", "echo pid=$$ host=$(hostname); cat /proc/1/cmdline | head -c 2; exit 3"])
+    fd, read = out_err(tmp_dir)
+    code = container.run("rt1", Spec.load(b), bundle=b, stdio=Stdio(fd, fd, fd))
+    os.close(fd)
+    assert code == 3
+    assert read().startswith("pid=1 host=runc\nsh")
+    assert container.load("rt1").status == Status.STOPPED and container.load("rt1").exit_code == 3
+
+
+def test_state_machine_and_illegal_transitions(tmp_dir, clean):
+    b = bundle(tmp_dir, ["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /tmp/n; usleep 20000; done"])
+    spec = Spec.load(b).replace(readonly=False)
+    st = container.create("rt2", spec, bundle=b)
+    assert st.status == Status.CREATED
+    # created: the user's command has not run, the process is our init blocked on the fifo
+    with open(f"/proc/{st.pid}/comm") as f:
+        assert f.read().strip() != "sh"
+    with pytest.raises(StateError, match="cannot pause container rt2: it is created"):
+        container.pause("rt2")
+    with pytest.raises(StateError):
+        container.resume("rt2")
+    container.start("rt2")
+    assert container.load("rt2").status == Status.RUNNING
+    with pytest.raises(StateError, match="cannot start"):
+        container.start("rt2")
+    with pytest.raises(StateError, match="cannot delete"):
+        container.delete("rt2")
+    counter = f"/proc/{st.pid}/root/tmp/n"
+    _wait_for(lambda: os.path.exists(counter))
+    container.pause("rt2")
+    assert container.load("rt2").status == Status.PAUSED
+    first = Path(counter).read_text()
+    time.sleep(0.3)
+    assert Path(counter).read_text() == first, "a paused container made progress"
+    container.resume("rt2")
+    _wait_for(lambda: Path(counter).read_text() != first)
+    container.kill("rt2", signal.SIGKILL)
+    assert container.wait("rt2", 10) == 137
+    with pytest.raises(StateError, match="cannot kill"):
+        container.kill("rt2")
+    container.delete("rt2")
+    with pytest.raises(NotFound):
+        container.load("rt2")
+
+
+def test_exec_joins_namespaces_and_cgroup_of_pid1(tmp_dir, clean):
+    b = bundle(tmp_dir, ["sleep", "30"])
+    container.create("rt3", Spec.load(b), bundle=b)
+    container.start("rt3")
+    pid1 = container.load("rt3").pid
+    fd, read = out_err(tmp_dir)
+    code = execute.exec_in("rt3", ["sh", "-c", "echo $$; cat /proc/self/cgroup; sleep 0.1"], stdio=Stdio(fd, fd, fd),
+                           wait=False)
+    # while it runs, compare its namespaces with PID 1's from the host side
+    host_pid = _child_of(code)
+    assert ns.compare(pid1, host_pid).separate == frozenset()
+    assert _cgroups(pid1) == _cgroups(host_pid)
+    os.waitpid(code, 0)
+    os.close(fd)
+    lines = read().splitlines()
+    assert lines[0] != "1" and any("containers/rt3" in line for line in lines)
+    with pytest.raises(ExecFailed, match='exec: "nosuch": executable file not found'):
+        execute.exec_in("rt3", ["nosuch"])
+    container.stop("rt3", timeout=0.2)
+
+
+def test_missing_command_fails_create_and_leaves_nothing(tmp_dir, clean):
+    b = bundle(tmp_dir, ["nosuch-command"])
+    with pytest.raises(ExecFailed) as info:
+        container.create("rt4", Spec.load(b), bundle=b)
+    assert info.value.exit_code == 127 and '"nosuch-command": executable file not found in $PATH' in str(info.value)
+    (tmp_dir / "rootfs" / "bin" / "noexec").write_text("not a program")
+    b = bundle(tmp_dir, ["/bin/noexec"])
+    with pytest.raises(ExecFailed) as info:
+        container.create("rt4", Spec.load(b), bundle=b)
+    assert info.value.exit_code == 126
+    assert leftovers() == []
+
+
+def test_symlinks_in_rootfs_cannot_reach_host_paths(tmp_dir, clean):
+    host = tmp_dir / "host"
+    host.mkdir()
+    root = busybox_rootfs(tmp_dir / "rootfs")
+    (root / "dev").rmdir()
+    os.symlink(str(host), root / "dev")  # /dev -> an absolute host path
+    b = bundle(tmp_dir, ["sh", "-c", "ls /dev/null"])
+    assert container.run("rt5", Spec.load(b), bundle=b) == 0
+    assert list(host.iterdir()) == [], "device nodes were made in a host directory"
+
+
+def test_wrong_ids_and_missing_rootfs(tmp_dir, clean):
+    b = bundle(tmp_dir, ["true"])
+    with pytest.raises(InvalidValue, match="container id"):
+        container.create("../x", Spec.load(b), bundle=b)
+    with pytest.raises(NotFound, match="root filesystem"):
+        container.create("rt6", Spec.load(b).replace(rootfs="nope"), bundle=b)
+    assert leftovers() == []
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def _wait_for(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _child_of(pid, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = f.read().split()
+        if kids:
+            return int(kids[0])
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def _cgroups(pid):
+    with open(f"/proc/{pid}/cgroup") as f:
+        return sorted(line.split(":", 1)[1] for line in f)
