@@ -11,15 +11,16 @@ labkit names every kernel object it creates so that it can be found again after 
 4. loop devices whose backing file lies below a state root;
 5. cgroups below the ``labkit`` parents (the empty parents stay, as Docker's do);
 6. live state: the run root (pid files, container state), which is stale once its
-   processes are gone.
+   processes are gone, and the containers' own directories (upper layers, logs).
 
-Images stay. Running it twice is safe: the second run finds nothing.
+Images stay, and so does the download cache (/var/cache/labkit). Running it twice is safe: the second run finds nothing.
 
 Layer: lab. Uses the kernel layer only.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
@@ -34,16 +35,28 @@ from labkit.kernel import mounts
 LOOP_CLR_FD = 0x4C01
 
 
+def _gone(err: Exception) -> bool:
+    """A cgroup may vanish while we walk the tree: a container's shim removes its own
+    group once the container has exited. That is not an error for cleanup."""
+    from labkit.errors import NotFound
+
+    return isinstance(err, NotFound) or getattr(err, "errno", None) in (errno.ENOENT, errno.ENODEV)
+
+
 def _kill_cgroups() -> list[str]:
     from labkit.kernel import cgroups
 
     done = []
     for name in sorted(cgroups.list_all(), key=lambda n: n.count("/"), reverse=True):
-        cg = cgroups.open(name)
-        pids = cg.procs()
-        if pids:
-            cg.kill()
-            done.append(f"killed {len(pids)} process(es) in cgroup {name}")
+        try:
+            cg = cgroups.open(name)
+            pids = cg.procs()
+            if pids:
+                cg.kill()
+                done.append(f"killed {len(pids)} process(es) in cgroup {name}")
+        except Exception as e:  # noqa: BLE001
+            if not _gone(e):
+                raise
     return done
 
 
@@ -128,8 +141,28 @@ def _remove_cgroups() -> list[str]:
 
     done = []
     for name in sorted(cgroups.list_all(), key=lambda n: n.count("/"), reverse=True):
-        cgroups.open(name).remove()
-        done.append(f"removed cgroup {name}")
+        try:
+            cgroups.open(name).remove()
+            done.append(f"removed cgroup {name}")
+        except Exception as e:  # noqa: BLE001
+            if not _gone(e):
+                raise
+    return done
+
+
+def _remove_containers() -> list[str]:
+    """Container directories (their upper layers, logs, bundles): with the live state gone
+    they belong to no container any more. Deleted without following a symlink or
+    crossing a mount, so a bind mount of a host directory cannot lose a file."""
+    from labkit.engine import safe
+
+    top = paths.containers_dir()
+    if not top.is_dir():
+        return []
+    done = []
+    for entry in sorted(top.iterdir()):
+        safe.remove_tree(entry, within=paths.lib_root())
+        done.append(f"removed container {entry.name}")
     return done
 
 
@@ -149,7 +182,9 @@ def cleanup() -> list[str]:
     done = _kill_cgroups() + _kill_vms()
     if done:
         time.sleep(0.05)  # let the killed processes exit before unmounting their roots
-    for step in (_unmount_roots, _remove_netns, _remove_links, _detach_loops, _remove_cgroups, _remove_run_state):
+    steps = (_unmount_roots, _remove_netns, _remove_links, _detach_loops, _remove_cgroups,
+             _remove_run_state, _remove_containers)
+    for step in steps:
         done += step()
     return done
 
