@@ -11,8 +11,6 @@ import time
 import pytest
 from bundles import LABKIT, labkit, leftovers
 
-from labkit.errors import LabkitError
-
 
 @pytest.fixture(autouse=True)
 def clean():

@@ -48,7 +48,7 @@ ARCH=$(dpkg --print-architecture)
 
 # --- system packages --------------------------------------------------------------
 pkgs=(python3 python3-venv python3-dev gcc make git ca-certificates
-      iproute2 nftables kmod cpio e2fsprogs util-linux procps psmisc
+      iproute2 nftables kmod cpio zstd e2fsprogs util-linux procps psmisc
       busybox-static runc debootstrap iperf3 skopeo umoci)
 case "$ARCH" in
   amd64) pkgs+=(qemu-system-x86) ;;

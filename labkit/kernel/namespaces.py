@@ -27,8 +27,9 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from labkit.errors import InvalidValue, LabkitError, require_root
 from labkit.kernel import syscalls

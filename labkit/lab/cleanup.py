@@ -4,7 +4,7 @@ labkit names every kernel object it creates so that it can be found again after 
 (see labkit/paths.py):
 
 1. processes: everything in a cgroup below a ``labkit`` parent, and qemu VMs named
-   ``labkit-vm*``;
+   ``labkit-vm-*`` whose launching process has gone;
 2. mounts: everything mounted below the state roots (/var/lib/labkit, /run/labkit);
 3. network namespaces named ``labkit-*`` (bind mounts in /run/netns) and links whose
    name starts with ``lk``;
@@ -24,7 +24,6 @@ import errno
 import fcntl
 import os
 import shutil
-import signal
 import time
 from pathlib import Path
 
@@ -54,28 +53,18 @@ def _kill_cgroups() -> list[str]:
             if pids:
                 cg.kill()
                 done.append(f"killed {len(pids)} process(es) in cgroup {name}")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if not _gone(e):
                 raise
     return done
 
 
 def _kill_vms() -> list[str]:
-    done = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu-system" in argv[0] and any(a.startswith(paths.VM_NAME_PREFIX.encode()) for a in argv):
-            try:
-                os.kill(int(entry.name), signal.SIGKILL)
-                done.append(f"killed VM process {entry.name}")
-            except ProcessLookupError:
-                pass
-    return done
+    """qemu processes named labkit-vm-<launcher pid>-... whose launcher is gone. A VM
+    whose launcher still runs is in use (a test, a notebook cell) and stays."""
+    from labkit.lab.vm import kill_stray_vms
+
+    return [f"killed VM process {pid}" for pid in kill_stray_vms()]
 
 
 def _unmount_roots() -> list[str]:
@@ -112,7 +101,7 @@ def _remove_links() -> list[str]:
                 try:
                     ipr.link("del", index=idx[0])
                     done.append(f"removed link {name}")
-                except Exception as e:  # noqa: BLE001 - a veth peer vanishes with its twin
+                except Exception as e:
                     if "No such device" not in str(e):
                         raise
     return done
@@ -144,7 +133,7 @@ def _remove_cgroups() -> list[str]:
         try:
             cgroups.open(name).remove()
             done.append(f"removed cgroup {name}")
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if not _gone(e):
                 raise
     return done

@@ -13,14 +13,13 @@ Layer: lab. Reads from the kernel layer; starts nothing that outlives a check.
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import os
 import platform
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 
 @dataclass(frozen=True)
@@ -149,29 +148,10 @@ def check_qemu() -> Check:
     return Check("qemu", "pass", path, required=False)
 
 
-KVM_GET_API_VERSION = 0xAE00
-KVM_CREATE_VM = 0xAE01
-
-
-def kvm_works() -> tuple[bool, str]:
-    """Open /dev/kvm and create a VM: the only way to know it really works."""
-    try:
-        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        return False, f"/dev/kvm: {e.strerror}"
-    try:
-        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
-        vm = fcntl.ioctl(fd, KVM_CREATE_VM, 0)
-        os.close(vm)
-        return True, f"/dev/kvm works (API {version})"
-    except OSError as e:
-        return False, f"/dev/kvm present but unusable ({e.strerror})"
-    finally:
-        os.close(fd)
-
-
 def check_kvm() -> Check:
-    ok, detail = kvm_works()
+    from labkit.lab.vm.host import kvm_probe
+
+    ok, detail = kvm_probe()
     if ok:
         return Check("kvm", "pass", detail, required=False)
     return Check("kvm", "warn", detail, "the small VM will use software emulation (slower, still works)",

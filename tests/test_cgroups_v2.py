@@ -1,0 +1,99 @@
+"""labkit's cgroup code on cgroup v2, on a host that has v1: inside labkit's small VM.
+
+The guest boots the host's kernel with cgroup_no_v1=all, mounts only cgroup2 at
+/sys/fs/cgroup with every controller enabled, and sees the host's / read-only over 9p (a
+tmpfs takes its writes; LABKIT_ROOT and TMPDIR point at a tmpfs in /run). There it runs
+tests/test_cgroups.py, the very module that runs on the host, with the host's venv Python.
+The guest's pytest summary is shown here; its failure, or a run that skipped everything,
+fails this test.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import REPO, need_tool
+
+pytestmark = pytest.mark.vm
+
+TARGET = REPO / "tests" / "test_cgroups.py"
+
+# Checked in the guest before its test run, and the whole run if TARGET is missing:
+# the guest must really be cgroup v2 only, with the controllers labkit limits.
+PREFLIGHT = textwrap.dedent("""
+    import ctypes, os, struct
+    CGROUP2_SUPER_MAGIC = 0x63677270  # linux/magic.h
+    buf = ctypes.create_string_buffer(256)
+    assert ctypes.CDLL(None, use_errno=True).statfs(b"/sys/fs/cgroup", buf) == 0
+    assert struct.unpack_from("l", buf)[0] == CGROUP2_SUPER_MAGIC, "/sys/fs/cgroup is not cgroup2"
+    controllers = open("/sys/fs/cgroup/cgroup.controllers").read().split()
+    missing = {"cpu", "memory", "pids", "io", "cpuset"} - set(controllers)
+    assert not missing, f"cgroup2 lacks {missing}"
+    assert not any(line.split()[2] == "cgroup" for line in open("/proc/mounts")), "a v1 hierarchy"
+    assert os.path.exists("/dev/loop-control"), "no loop devices"
+    print("preflight: cgroup2 only, controllers:", " ".join(controllers))
+""")
+
+STAND_IN = textwrap.dedent("""
+    def test_guest_is_cgroup_v2_only():
+        exec(open("/run/tmp/preflight.py").read())
+""")
+
+
+def summary(output: str) -> dict[str, int]:
+    """pytest's last line, '12 passed, 2 skipped in 30.1s', as {'passed': 12, 'skipped': 2}."""
+    for line in reversed(output.strip().splitlines()):
+        counts = re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)", line)
+        if counts and " in " in line:
+            return {kind.rstrip("s") if kind.startswith("error") else kind: int(n) for n, kind in counts}
+    return {}
+
+
+def test_summary_reads_pytest_last_line():
+    assert summary("x\n== 3 failed, 12 passed, 1 skipped, 2 errors in 30.10s ==\n") == {
+        "failed": 3, "passed": 12, "skipped": 1, "error": 2}
+    assert summary("Traceback ...\n") == {}
+
+
+def test_cgroup_tests_pass_in_a_cgroup_v2_guest(capsys):
+    from labkit.lab.vm import VM
+    from labkit.lab.vm.host import find_kernel, host_arch
+
+    need_tool(host_arch().qemu)
+    try:
+        find_kernel()
+    except LookupError as e:
+        pytest.skip(str(e))
+
+    write = f"cat > /run/tmp/preflight.py <<'EOF'\n{PREFLIGHT}EOF\n"
+    if TARGET.exists():
+        tests = str(TARGET.relative_to(REPO))
+    else:  # the cgroup test module is not there yet: check the guest itself
+        write += f"cat > /run/tmp/test_standin.py <<'EOF'\n{STAND_IN}EOF\n"
+        tests = "/run/tmp/test_standin.py"
+    python = sys.executable  # the host's venv, seen through the 9p share
+    # pytest's plugins (nbval and the Jupyter stack) cost ~20 s to import when emulated;
+    # the cgroup tests need none of them
+    script = (write + f"{python} /run/tmp/preflight.py || exit 99\n"
+              f"exec {python} -m pytest -q -rfEs -p no:cacheprovider {tests}")
+
+    started = time.monotonic()
+    with VM(memory="2G", cpus=2, share_host_root=True, cgroup="v2") as vm:
+        boot = vm.boot_seconds
+        env = {"PYTHONPATH": str(REPO), "PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1"}
+        result = vm.run(script, cwd=str(REPO), env=env, timeout=900)
+        accel = vm.accel
+    total = time.monotonic() - started
+
+    counts = summary(result.output)
+    tail = "\n".join(result.output.strip().splitlines()[-40:])
+    with capsys.disabled():
+        print(f"\n[cgroup v2 guest, {accel}] boot {boot:.1f} s, run {result.seconds:.1f} s, "
+              f"total {total:.1f} s: {tests}: {counts or 'no summary'}")
+    assert result.returncode != 99, f"the guest is not cgroup v2 only:\n{tail}"
+    assert result.returncode == 0, f"the guest's pytest failed (exit {result.returncode}):\n{tail}"
+    assert counts.get("passed", 0) > 0, f"the guest ran no test (all skipped?):\n{tail}"
