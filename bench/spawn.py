@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from labkit.kernel import namespaces  # noqa: E402
+from labkit.kernel import namespaces
 
 RUNS = 50 if os.environ.get("LABKIT_QUICK") else 300
 TRUE = "/bin/true"

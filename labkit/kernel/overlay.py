@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from labkit.errors import InvalidValue, SyscallError, require_root
 from labkit.kernel import syscalls

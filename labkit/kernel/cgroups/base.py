@@ -1,0 +1,342 @@
+"""The Cgroup interface that v1.py and v2.py implement, and what they share.
+
+A cgroup is a directory in a cgroup filesystem. Everything labkit does to one is a
+mkdir, a rmdir, or a write of one short string to one file in it: ``echo 20 >
+pids.max``, ``echo $pid > cgroup.procs``. This module holds those two operations
+(``read``/``write``, which turn an OSError into a CgroupError naming the file and the
+value), the result types, and the verbs whose logic is the same on both versions:
+waiting, killing by signals, removing children first.
+
+Where v1 and v2 differ, the method's docstring says so.
+Kernel docs: Documentation/admin-guide/cgroup-v2.rst; cgroups(7).
+Layer: kernel. Used by v1.py and v2.py; the runtime holds Cgroup objects.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from signal import SIGKILL, SIGTERM
+from typing import TYPE_CHECKING, Self
+
+from labkit import paths
+from labkit.errors import CgroupError, InvalidValue, StateError
+
+from .limits import Limits
+
+if TYPE_CHECKING:
+    from .watch import Sample
+
+_NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_NAME_FORM = "letters, digits, '-' and '_', nested with '/', e.g. containers/abc123"
+
+
+def check_name(name: str) -> str:
+    """A cgroup name is one or more path parts; never '..', never absolute."""
+    parts = name.split("/") if isinstance(name, str) else [""]
+    if not all(_NAME_PART.match(p) for p in parts) or len(parts) > 8:
+        raise InvalidValue("cgroup name", name, _NAME_FORM)
+    return name
+
+
+def read(path: Path) -> str:
+    """The contents of a cgroup file, or a CgroupError naming it."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as err:
+        raise CgroupError(err.errno or errno.EIO, str(path), "read") from None
+
+
+def write(path: Path, value: str | int) -> None:
+    """One write(2) of ``value`` to a cgroup file.
+
+    The kernel parses each write as a whole, so the value goes out in a single call,
+    unbuffered; an error (EINVAL for a bad number, EBUSY, ESRCH for a dead pid) comes
+    back from that call and is raised as a CgroupError with the file and value.
+    """
+    text = str(value)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise CgroupError(err.errno or errno.EIO, str(path), "write", text) from None
+
+
+def read_keyed(path: Path) -> dict[str, int]:
+    """A flat-keyed file ('nr_periods 12\\nnr_throttled 3') as a dict of ints."""
+    out: dict[str, int] = {}
+    for line in read(path).splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().lstrip("-").isdigit():
+            out[key] = int(value)
+    return out
+
+
+@dataclass(frozen=True)
+class IoStat:
+    """Bytes and operations one cgroup moved to and from one block device."""
+
+    read_bytes: int = 0
+    write_bytes: int = 0
+    read_ops: int = 0
+    write_ops: int = 0
+
+
+@dataclass(frozen=True)
+class CgroupStats:
+    """The accounting of one cgroup, with the same fields on v1 and v2.
+
+    A field is None when this kernel or version does not count it:
+    memory_peak (v2 before 5.19 has no memory.peak), oom_kills (v1 before 4.13),
+    pids_refused (pids.events is missing on old kernels). memory_limit and
+    pids_limit are None when unlimited. io maps "major:minor" to an IoStat.
+    """
+
+    cpu_usage_ns: int | None
+    cpu_user_ns: int | None
+    cpu_system_ns: int | None
+    nr_periods: int | None
+    nr_throttled: int | None
+    throttled_ns: int | None
+    memory_current: int | None
+    memory_peak: int | None
+    memory_limit: int | None
+    oom_kills: int | None
+    pids_current: int | None
+    pids_limit: int | None
+    pids_refused: int | None
+    io: dict[str, IoStat] = field(default_factory=dict)
+
+
+class Cgroup(abc.ABC):
+    """One cgroup that labkit made, on either version.
+
+    ``paths`` maps each controller to its directory: on v2 they are all the same
+    directory; on v1 each controller is a separate tree, so there is one per
+    hierarchy. ``version`` is 1 or 2. Use as a context manager to have the group's
+    processes killed and the group removed at the end of the block.
+    """
+
+    version: int = 0
+    POLL_S = 0.002  # first sleep while waiting for the kernel; doubles up to 50 ms
+
+    def __init__(self, name: str, paths: dict[str, Path]) -> None:
+        self.name = name
+        self.paths = paths
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} v{self.version} {self.path}>"
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.exists():
+            self.kill()
+            self.remove()
+
+    # -- where it is ----------------------------------------------------------------
+    @property
+    def path(self) -> Path:
+        """The directory to show a student: memory's on v1, the only one on v2."""
+        return self.paths.get("memory") or next(iter(self.paths.values()))
+
+    def dirs(self) -> list[Path]:
+        """Each distinct directory of this group (v1: one per hierarchy)."""
+        return sorted(set(self.paths.values()))
+
+    def exists(self) -> bool:
+        return any(d.is_dir() for d in self.dirs())
+
+    # -- the verbs each version implements --------------------------------------------
+    @abc.abstractmethod
+    def apply(self, limits: Limits) -> None:
+        """Write every limit that is set (None fields are left alone)."""
+
+    @abc.abstractmethod
+    def freeze(self, timeout: float = 5.0) -> None:
+        """Stop every process, and return once the kernel reports them all stopped.
+
+        v1 writes FROZEN to freezer.state and waits while it reads FREEZING; v2 writes
+        1 to cgroup.freeze and waits for "frozen 1" in cgroup.events.
+        """
+
+    @abc.abstractmethod
+    def thaw(self, timeout: float = 5.0) -> None:
+        """Let the processes run again, and return once none is frozen."""
+
+    @property
+    @abc.abstractmethod
+    def is_frozen(self) -> bool: ...
+
+    @abc.abstractmethod
+    def stats(self) -> CgroupStats:
+        """A snapshot of the accounting files (see CgroupStats for what each maps to)."""
+
+    # -- the verbs both versions share ---------------------------------------------------
+    def set(self, **limits: object) -> Limits:
+        """Change limits on a live group, Docker-style: ``cg.set(memory="128m", pids=50)``.
+
+        Everything is validated first; the kernel then applies each file on its own
+        (lowering memory below what is in use makes the kernel reclaim or OOM-kill).
+        """
+        from . import check_supported  # the factory knows what this machine offers
+
+        parsed = Limits.parse(**limits)
+        check_supported(parsed)
+        self.apply(parsed)
+        return parsed
+
+    def add(self, pid: int) -> None:
+        """Move a process (all its threads) into the group: write the pid to cgroup.procs.
+
+        On v1 it is written in every hierarchy. pid 0 means the calling process.
+        """
+        for d in self.dirs():
+            write(d / "cgroup.procs", pid)
+
+    def procs(self, recursive: bool = False) -> list[int]:
+        """The pids in the group (from cgroup.procs; every hierarchy on v1).
+
+        With recursive=True, the pids of nested groups too.
+        """
+        pids: set[int] = set()
+        for d in self.dirs():
+            for sub in _walk(d) if recursive else [d]:
+                try:
+                    pids.update(int(p) for p in read(sub / "cgroup.procs").split())
+                except CgroupError as err:
+                    if err.errno != errno.ENOENT:  # a nested group removed meanwhile
+                        raise
+        return sorted(pids)
+
+    def signal(self, sig: int = SIGTERM) -> int:
+        """Send a signal once to every process in the group and below; how many got it."""
+        sent = 0
+        for pid in self.procs(recursive=True):
+            try:
+                os.kill(pid, sig)
+                sent += 1
+            except ProcessLookupError:
+                pass
+        return sent
+
+    def kill(self, sig: int = SIGKILL, timeout: float = 5.0) -> None:
+        """Kill every process in the group and below.
+
+        For SIGKILL, it repeats until the group is empty, because a process may fork
+        between reading cgroup.procs and the signal arriving. v2 first writes
+        cgroup.kill (Linux 5.14+), which the kernel does atomically. Other signals are
+        sent once. Only a parent can reap its children: a process labkit started
+        still needs waitpid() by whoever started it.
+        """
+        if sig != SIGKILL:
+            self.signal(sig)
+            return
+        self._kill_all()
+        deadline = time.monotonic() + timeout
+        delay = self.POLL_S
+        while self.signal(SIGKILL) or self.procs(recursive=True):
+            if time.monotonic() > deadline:
+                left = self.procs(recursive=True)
+                raise StateError(f"cgroup {self.name} still holds {left} after {timeout} s of SIGKILL")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _kill_all(self) -> None:
+        """The version's fast path for SIGKILL (v2 cgroup.kill); nothing by default."""
+        return None  # the signal loop in kill() does the work
+
+    def remove(self, timeout: float = 5.0) -> None:
+        """Remove the group and its nested groups, children first.
+
+        It kills nothing: it waits up to ``timeout`` seconds for the processes to
+        leave (exit, or be moved), then rmdirs. A still-busy group raises StateError.
+        Empty parents up to and including the ``labkit`` directory go too.
+        """
+        deadline = time.monotonic() + timeout
+        delay = self.POLL_S
+        while left := self.procs(recursive=True):
+            if time.monotonic() > deadline:
+                raise StateError(f"cannot remove cgroup {self.name}: processes {left} are still in it "
+                                 "(kill() them or wait for them to exit)")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        for d in self.dirs():
+            for sub in reversed(list(_walk(d))):  # deepest first: rmdir needs no children
+                _rmdir(sub, deadline)
+            _prune_parents(d)
+
+    def watch(self, interval: float = 0.2, duration: float | None = None) -> Iterator[Sample]:
+        """Samples of CPU %, memory and pids every ``interval`` s (see watch.py)."""
+        from .watch import watch
+
+        return watch(self, interval=interval, duration=duration)
+
+
+def _walk(d: Path) -> Iterator[Path]:
+    """d, then every cgroup directory below it (parents before children)."""
+    yield d
+    try:
+        entries = list(os.scandir(d))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(Path(entry.path))
+
+
+def _rmdir(d: Path, deadline: float) -> None:
+    # Right after the last process exits the kernel may still count it (v2 updates
+    # "populated" asynchronously; v1 memory needs a moment), and rmdir says EBUSY.
+    delay = Cgroup.POLL_S
+    while True:
+        try:
+            os.rmdir(d)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            if err.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise CgroupError(err.errno or errno.EIO, str(d), "rmdir") from None
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def undo_mkdirs(made: list[Path]) -> None:
+    """Remove the fresh, still empty leaves a failed create() made, and their parents."""
+    for d in made:
+        _try_rmdir(d)
+        _prune_parents(d)
+
+
+def _prune_parents(d: Path) -> None:
+    """rmdir empty parents of d up to the ``labkit`` directory; stop at the first busy one."""
+    here = d.parent
+    for _ in range(10):  # names nest at most 8 deep, see check_name
+        if here.name == paths.CGROUP_PARENT:
+            _try_rmdir(here)
+            return
+        if paths.CGROUP_PARENT not in here.parts or not _try_rmdir(here):
+            return
+        here = here.parent
+
+
+def _try_rmdir(d: Path) -> bool:
+    try:
+        os.rmdir(d)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:  # EBUSY/ENOTEMPTY: another group or a process still uses it
+        return False
