@@ -342,3 +342,44 @@ def timeseries(
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     return done(fig, path)
+
+
+# --- bars side by side (01: VM vs container vs process; 07: billing) ----------------------
+
+
+def bar_panels(
+    panels: Mapping[str, Mapping[str, float]], *, title: str, what: str, log: bool = False,
+    references: Mapping[str, Sequence[tuple[float, str]]] | None = None, xlabel: str = "",
+    path: str | os.PathLike | None = None,
+) -> Figure:
+    """One panel of bars per measure: ``panels`` maps a y-axis label with its unit
+    ("start time (ms)") to {bar label: value}. Each bar carries its value as text.
+
+    ``log`` puts every panel on a log scale, for values that differ by orders of
+    magnitude. ``references`` adds dashed horizontal lines per panel, e.g. a published
+    figure: {"start time (ms)": [(125, "Firecracker: <=125 ms")]}.
+    """
+    colours = [OWN, ACCENT, "#6a9f58", "#8c6bb1", SHARED]
+    fig, axes = figure(title, what, ncols=len(panels), size=(4.6 * len(panels), 4.6), grid=True)
+    for ax, (ylabel, bars) in zip(axes[0], panels.items()):
+        labels, values = list(bars), [float(v) for v in bars.values()]
+        drawn = ax.bar(labels, values, color=[colours[i % len(colours)] for i in range(len(labels))])
+        for rect, value in zip(drawn, values):
+            text = f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
+            ax.annotate(text, (rect.get_x() + rect.get_width() / 2, value), ha="center", va="bottom",
+                        fontsize=8.5, xytext=(0, 2), textcoords="offset points")
+        for level, label in (references or {}).get(ylabel, ()):
+            ax.axhline(level, color="#b00020", ls="--", lw=1)
+            ax.annotate(label, (0.02, level), xycoords=("axes fraction", "data"), fontsize=7.5,
+                        color="#b00020", va="bottom", xytext=(0, 2), textcoords="offset points")
+        if log:
+            ax.set_yscale("log")
+            top = max([*values, *(lvl for lvl, _ in (references or {}).get(ylabel, ()))] or [1.0])
+            low = min([v for v in values if v > 0] or [1.0])
+            ax.set_ylim(bottom=low / 3, top=top * 4)  # every bar visible; room for the labels
+        else:
+            ax.set_ylim(top=max(values or [1.0]) * 1.15)
+        ax.set_ylabel(ylabel + (" (log scale)" if log else ""))
+        ax.set_xlabel(xlabel or "what was measured")
+        ax.grid(axis="y", alpha=0.3, which="both" if log else "major")
+    return done(fig, path)
