@@ -134,6 +134,8 @@ def test_figures_have_titles_labels_and_the_machine(tmp_path):
         plots.process_trees({"host": [(10, 1, "sh"), (11, 10, "sleep")], "inside": [(1, 0, "sh"), (2, 1, "sleep")]}),
         plots.mount_tables({"here": mounts.mountinfo()}),
         plots.timeseries({"x": ([0, 1], [2, 3])}, title="t", ylabel="y (%)", what="w"),
+        plots.bar_panels({"start time (ms)": {"process": 1.5, "VM": 4000.0}}, title="t", what="w", log=True,
+                         xlabel="what was started"),
     ]
     for fig in made:
         texts = [t.get_text() for t in fig.texts]
