@@ -44,13 +44,21 @@ def test_no_loop_devices_left():
 
 
 def test_no_processes_left():
-    """No child of the test run is alive, and no labkit VM or lab server runs."""
+    """No child of the test run is alive, no container shim of this run's state root
+    remains, and no labkit VM outlived its launcher."""
+    from labkit.lab.vm import stray_vms
+
     me = psutil.Process()
     alive = [p for p in me.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
     assert alive == []
-    strays = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if ("qemu-system" in cmd and paths.VM_NAME_PREFIX in cmd) or "labkit-shim" in cmd:
-            strays.append(cmd[:120])
-    assert strays == []
+    ours = os.environ["LABKIT_ROOT"]
+    shims = []
+    for p in psutil.process_iter(["name"]):
+        if p.info["name"] == "labkit-shim":
+            try:
+                if p.environ().get("LABKIT_ROOT") == ours:
+                    shims.append(p.pid)
+            except psutil.Error:
+                pass
+    assert shims == []
+    assert stray_vms() == []
