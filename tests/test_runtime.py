@@ -3,8 +3,12 @@ exec, pause, and what a failing create leaves (nothing)."""
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +17,7 @@ from bundles import bundle, busybox_rootfs, leftovers
 
 from labkit.errors import ExecFailed, InvalidValue, NotFound, StateError, Unsupported
 from labkit.kernel import namespaces as ns
-from labkit.runtime import container, execute
+from labkit.runtime import container, execute, init
 from labkit.runtime.container import Stdio
 from labkit.runtime.init import parse_options, secure_join
 from labkit.runtime.spec import Mount, Spec
@@ -167,6 +171,59 @@ def test_exec_joins_namespaces_and_cgroup_of_pid1(tmp_dir, clean):
     with pytest.raises(ExecFailed, match='exec: "nosuch": executable file not found'):
         execute.exec_in("rt3", ["nosuch"])
     container.stop("rt3", timeout=0.2)
+
+
+def test_created_means_init_sits_in_its_cgroup(tmp_dir, clean):
+    # init sets itself up while the shim moves it into the cgroup: "created" waits for both
+    from labkit.kernel import cgroups
+
+    b = bundle(tmp_dir, ["true"])
+    fd, _ = out_err(tmp_dir)
+    state = container.create("rt6", Spec.load(b), bundle=b, stdio=Stdio(fd, fd, fd))
+    os.close(fd)
+    for d in cgroups.open(state.cgroup).dirs():  # every v1 hierarchy, or the one v2 directory
+        assert (d / "cgroup.procs").read_text().split() == [str(state.pid)], d
+    container.delete("rt6")
+
+
+def test_init_says_created_only_after_the_go_byte(tmp_dir):
+    # init's setup overlaps the parent's cgroup move, but "created" must wait for it
+    b = bundle(tmp_dir, ["true"])
+    os.mkfifo(tmp_dir / "exec.fifo")
+    sync_r, sync_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # new namespaces but no new PID one: init.main always ends in os._exit
+        try:
+            os.close(sync_r)
+            os.close(go_w)
+            ctx = init.Context(Spec.load(b), str(b / "rootfs"), str(tmp_dir / "exec.fifo"), sync_w, go_r)
+            init.main(ctx)
+        finally:
+            os._exit(1)
+    os.close(sync_w)
+    os.close(go_r)
+    try:
+        assert select.select([sync_r], [], [], 0.5)[0] == []  # set up, yet silent
+        os.write(go_w, b"g")
+        assert select.select([sync_r], [], [], 10)[0] and os.read(sync_r, 100) == b"created\n"
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(sync_r)
+        os.close(go_w)
+
+
+def test_runtime_run_loads_only_what_it_needs():
+    """Imports are most of a Python runtime's start: init's modules load in the child
+    (while the kernel moves it into its cgroup), and these not at all."""
+    light = ["typing", "socket", "shutil", "labkit.runtime.init", "labkit.engine.images"]
+    code = ("import sys, json; from labkit.cli import build_parser; "
+            "parser, _ = build_parser('runtime'); parser.parse_args(['run', 'c1']); "
+            "import labkit.runtime.container, labkit.kernel.cgroups; "
+            f"print(json.dumps([m for m in {light!r} if m in sys.modules]))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == []
 
 
 def test_missing_command_fails_create_and_leaves_nothing(tmp_dir, clean):

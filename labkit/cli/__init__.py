@@ -53,16 +53,56 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, given the terminal width up front. argparse makes one for
+    every add_argument(), and left to itself each asks shutil, whose import costs ~2 ms
+    of every labkit start."""
+
+    def __init__(self, prog: str) -> None:
+        try:
+            width = int(os.environ.get("COLUMNS") or os.get_terminal_size(sys.stdout.fileno()).columns)
+        except (OSError, ValueError):  # not a terminal
+            width = 80
+        super().__init__(prog, width=width - 2)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser with _HelpFormatter; sub-command parsers are made of this class too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
     module_name, help_ = COMMANDS[command]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"labkit {command}", description=help_)
+    parser = _Parser(prog=f"labkit {command}", description=help_)
     module.add_arguments(command, parser)
     return parser, module
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run one command; its exit code. Called without ``argv`` it is the ``labkit``
+    process itself, and it ends the process (see _exit)."""
+    code = _dispatch(list(sys.argv[1:] if argv is None else argv))
+    if argv is None:
+        _exit(code)
+    return code
+
+
+def _exit(code: int) -> None:
+    """End the process now, skipping the interpreter's teardown: freeing every module's
+    objects one by one takes ~5 ms, the kernel frees the whole memory at once."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except OSError:  # `labkit ps | head`: the reader has gone
+            pass
+    os._exit(code)
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if argv else 2

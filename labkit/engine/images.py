@@ -47,18 +47,20 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
 from labkit import paths
-from labkit.engine import layers as _layers
-from labkit.engine import rootfs, safe
+from labkit.engine import safe
+
+# Unpacking tars and building base images (tarfile, debootstrap) is needed only when an
+# image is made; `labkit run` of an image already in the store loads neither module.
 from labkit.errors import InvalidValue, NotFound, StateError
 
-Progress = rootfs.Progress  # called with one line of text per build step
+Progress = Callable[[str], None]  # called with one line of text per build step
 
 # The images labkit can make without a registry, and the tag a bare name means.
 BUILTIN = {"busybox": "latest", "debian": "bookworm"}
@@ -191,6 +193,8 @@ def import_layer(tar: BinaryIO | bytes | str | os.PathLike[str]) -> str:
         work.chmod(0o755)  # mkdtemp makes it 0700; a layer must be readable by all
         (work / "fs").mkdir(mode=0o755)
         source = io.BytesIO(tar) if isinstance(tar, bytes) else tar
+        from labkit.engine import layers as _layers
+
         result = _layers.unpack(source, work / "fs")
         meta = {"diff_id": result.diff_id, "size": result.size_bytes, "entries": result.entries}
         (work / "layer.json").write_text(json.dumps(meta) + "\n")
@@ -257,6 +261,8 @@ def build_base(name: str, progress: Progress | None = None) -> Image:
     existing = _repositories().get(ref)
     if existing:
         return _load(ref, existing)
+    from labkit.engine import rootfs
+
     if repo == "busybox":
         diff_id = import_layer(rootfs.busybox_tar())
         config = ImageConfig(env=[rootfs.PATH_ENV], cmd=["sh"])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import enum
 import os
-import platform
 
 from labkit.errors import SyscallError
 
@@ -176,9 +175,9 @@ def pivot_root(new_root: str | os.PathLike, put_old: str | os.PathLike) -> None:
     current root (bind-mount it onto itself first); ``put_old`` must be below it.
     """
     args = f"{os.fspath(new_root)!r}, {os.fspath(put_old)!r}"
-    nr = _SYS_PIVOT_ROOT.get(platform.machine())
+    nr = _SYS_PIVOT_ROOT.get(os.uname().machine)
     if nr is None:
-        raise SyscallError(38, "pivot_root", args, f"unknown syscall number on {platform.machine()}")
+        raise SyscallError(38, "pivot_root", args, f"unknown syscall number on {os.uname().machine}")
     _check(_libc.syscall(ctypes.c_long(nr), _b(new_root), _b(put_old)), "pivot_root", args)
 
 

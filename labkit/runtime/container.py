@@ -7,10 +7,11 @@ Three processes make one running container, as with Docker's containerd-shim and
             `-- init   PID 1 of the container: init.py, then the user's command
 
 ``create`` forks the shim; the shim calls unshare(CLONE_NEWPID) (which applies to its
-next child only) and forks init, puts it into the container's cgroup, and tells it to go
-on. Init sets everything up (init.py), reports "created" on a pipe, and blocks opening
-``exec.fifo`` for writing. ``start`` opens the fifo for reading: init's open returns and
-it execs the command. Until then nothing of the user's code has run (runc does the same).
+next child only) and forks init, puts it into the container's cgroup, and tells it so.
+Init sets everything up (init.py) meanwhile, waits for that word, reports "created" on
+a pipe, and blocks opening ``exec.fifo`` for writing. ``start`` opens the fifo for
+reading: init's open returns and it execs the command. Until then nothing of the user's
+code has run (runc does the same).
 
 The shim is there so the exit code is never lost. It waits for init with waitpid(2),
 which only a parent can do, and writes the exit status into state.json, then removes the
@@ -36,14 +37,11 @@ import re
 import select
 import signal
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from labkit import paths
 from labkit.errors import AlreadyExists, ExecFailed, InvalidValue, LabkitError, NotFound, StateError
-from labkit.runtime import init as init_mod
 from labkit.runtime.spec import Spec
 from labkit.runtime.state import State, Status, all_ids, check, container_dir, data_dir, start_time
 
@@ -136,10 +134,8 @@ def create(
 
 
 def _fork_container(state, spec, root, cg, stdio, detach, console, pty_master) -> State:
-    dirs = {"": str(cg.path)} if cg.version == 2 else {c: str(p) for c, p in cg.paths.items()}
     sync_r, sync_w = os.pipe()
     go_r, go_w = os.pipe()
-    ctx = init_mod.Context(spec, root, str(container_dir(state.id) / "exec.fifo"), sync_w, go_r, dirs, console)
     first = os.fork()
     if first == 0:  # the shim (or, when detached, the child that forks it and leaves)
         try:
@@ -148,7 +144,7 @@ def _fork_container(state, spec, root, cg, stdio, detach, console, pty_master) -
                 os.setsid()  # no controlling terminal: closing the caller's does not kill it
                 if os.fork() != 0:
                     os._exit(0)
-            _shim(state, ctx, cg, stdio, go_w, pty_master, detach)
+            _shim(state, spec, root, cg, stdio, (sync_w, go_r, go_w), console, pty_master, detach)
         finally:
             os._exit(1)
     os.close(sync_w)
@@ -188,31 +184,43 @@ def _fork_container(state, spec, root, cg, stdio, detach, console, pty_master) -
     raise StateError(f"container {state.id[:12]} did not start: init {'gave no answer' if not message else message}")
 
 
-def _shim(state: State, ctx: init_mod.Context, cg, stdio: Stdio, go_w: int, pty_master: int | None,
-          detach: bool) -> None:  # fmt: skip
+def _shim(state: State, spec: Spec, root: str, cg, stdio: Stdio, pipes: tuple[int, int, int],
+          console: str | None, pty_master: int | None, detach: bool) -> None:  # fmt: skip
     """The monitor: fork init into a new PID namespace, wait for it, record the exit."""
     from labkit.kernel import syscalls
 
-    syscalls.prctl(syscalls.Prctl.PR_SET_NAME, _cstr("labkit-shim"))
-    syscalls.unshare(syscalls.CloneFlags.CLONE_NEWPID) if "pid" in ctx.spec.namespaces else None
+    sync_w, go_r, go_w = pipes
+    with open("/proc/self/comm", "w") as comm:  # what prctl(PR_SET_NAME) sets: `ps` shows it
+        comm.write("labkit-shim")
+    if "pid" in spec.namespaces:
+        syscalls.unshare(syscalls.CloneFlags.CLONE_NEWPID)  # applies to the next child only
     pid = os.fork()
     if pid == 0:  # init: PID 1 in the new namespace
         os.close(go_w)
         if pty_master is not None:
             os.close(pty_master)
-        _set_stdio(stdio, ctx.console is not None)
-        init_mod.main(ctx)
-    # back in the shim: put init into the cgroup, then let it go on
+        _set_stdio(stdio, console is not None)
+        # Imported here, not at the top: init loads its modules while the shim waits
+        # for the kernel to move it into its cgroup (below), so the import is free.
+        from labkit.runtime import init
+
+        dirs = {"": str(cg.path)} if cg.version == 2 else {c: str(p) for c, p in cg.paths.items()}
+        fifo = str(container_dir(state.id) / "exec.fifo")
+        init.main(init.Context(spec, root, fifo, sync_w, go_r, dirs, console))
+    os.close(go_r)
     started = start_time(pid)
-    init_mod.send(ctx.sync_fd, f"pid {pid} {os.getpid()}")
+    _send(sync_w, f"pid {pid} {os.getpid()}")
     try:
+        # On cgroup v1 the first move into a cgroup waits for an RCU grace period
+        # (~10 ms here): init sets up its namespaces and mounts in the meantime and
+        # waits for the "go" byte only before it reports "created".
         cg.add(pid)
         os.write(go_w, b"g")
     except LabkitError as err:
-        init_mod.send(ctx.sync_fd, f"error 1 {err.one_line()}")
+        _send(sync_w, f"error 1 {err.one_line()}")
         os.kill(pid, signal.SIGKILL)
     os.close(go_w)
-    os.close(ctx.sync_fd)
+    os.close(sync_w)
     for fd in (stdio.stdin, stdio.stdout, stdio.stderr):
         if fd > 2 and (pty_master is None or fd != pty_master):
             _close_quietly(fd)
@@ -230,7 +238,8 @@ def _shim(state: State, ctx: init_mod.Context, cg, stdio: Stdio, go_w: int, pty_
     oom = False
     try:
         oom = bool(cg.stats().oom_kills)
-        cg.kill()  # anything left (processes that `exec` started) dies with PID 1
+        if cg.procs(recursive=True):  # usually empty: PID 1's exit killed its namespace
+            cg.kill()  # anything left (e.g. no PID namespace) dies with PID 1
         cg.remove()
     except LabkitError:
         pass
@@ -274,7 +283,7 @@ def run(container_id: str, spec: Spec, **create_args) -> int:
 
 def wait_shim(container_id: str, timeout: float | None = None) -> int:
     """For a container created with detach=False: reap its shim, return the exit code."""
-    shim = load(container_id).shim_pid
+    shim = _recorded(container_id).shim_pid
     status = _wait_child(shim, timeout)
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
@@ -389,8 +398,13 @@ def _remove_dirs(container_id: str, cg) -> None:
 
 def load(container_id: str) -> State:
     """The container's state, checked against the kernel (see State.refresh)."""
+    return _recorded(container_id).refresh()
+
+
+def _recorded(container_id: str) -> State:
+    """state.json as written, without asking the kernel (for fields that never change)."""
     try:
-        return State.load(container_id).refresh()
+        return State.load(container_id)
     except FileNotFoundError:
         raise NotFound(f"no such container: {container_id}") from None
 
@@ -413,21 +427,16 @@ def log_path(container_id: str) -> Path:
     return data_dir(container_id) / "container.log"
 
 
-@contextmanager
-def _locked(container_id: str) -> Iterator[None]:
-    """Serialise read-modify-write of state.json between the caller and the shim."""
+def _update(container_id: str, change) -> State:
+    """Read-modify-write state.json under flock(2) on the container's directory, so the
+    caller and the shim never overwrite each other's change."""
     fd = os.open(container_dir(container_id), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _update(container_id: str, change) -> State:
-    with _locked(container_id):
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed
         new = change(State.load(container_id))
         new.save()
+    finally:
+        os.close(fd)
     return new
 
 
@@ -502,12 +511,12 @@ def _close_quietly(fd: int) -> None:
         pass
 
 
-def _cstr(text: str) -> int:
-    import ctypes
-
-    buf = ctypes.create_string_buffer(text.encode()[:15])
-    _cstr.keep = buf  # type: ignore[attr-defined]  # prctl reads it after we return
-    return ctypes.addressof(buf)
+def _send(fd: int, line: str) -> None:
+    """One line on the sync pipe to create()'s caller; one that stopped listening is no error."""
+    try:
+        os.write(fd, (line.replace("\n", " ") + "\n").encode())
+    except OSError:
+        pass
 
 
 def ids() -> list[str]:

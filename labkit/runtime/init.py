@@ -12,7 +12,8 @@ would write it by hand:
  5. pivot_root into it, and unmount the old root: the host's files are gone
  6. mask and write-protect the /proc and /sys files that leak host data
  7. hostname, loopback up, resource limits
- 8. wait until ``start`` (a fifo, like runc's exec.fifo)
+ 8. wait until the parent has moved us into the container's cgroup (it does so while
+    we run steps 1-7), then until ``start`` (a fifo, like runc's exec.fifo)
  9. drop capabilities, switch uid/gid, cd, execve the command
 
 Errors before execve go back to the parent as one line on the sync pipe, with the
@@ -82,8 +83,8 @@ class InitError(Exception):
 def main(ctx: Context) -> None:
     """Run in the forked child; never returns (execve, or os._exit with an error)."""
     try:
-        _wait_for_parent(ctx.go_fd)
         exe = setup(ctx)
+        _wait_for_parent(ctx)  # in our cgroup before we say "created"
         os.close(_wait_for_start(ctx))
         finish_and_exec(ctx.spec, exe)
     except InitError as err:
@@ -110,6 +111,8 @@ def setup(ctx: Context) -> str:
     for ns_type in spec.namespaces:
         if ns_type != "pid":
             flags |= _clone_flag(ns_type)
+    if "cgroup" in spec.namespaces:
+        _wait_for_parent(ctx)  # a new cgroup namespace is rooted at the cgroup we are in now
     syscalls.unshare(flags)
     if "mount" not in spec.namespaces:
         raise InitError(EXIT_SETUP, "a container needs its own mount namespace ('mount' in linux.namespaces)")
@@ -349,11 +352,14 @@ def _clone_flag(ns_type: str) -> int:
     }[NAMESPACES[ns_type]]  # fmt: skip
 
 
-def _wait_for_parent(go_fd: int) -> None:
-    """Block until the parent has put us into the container's cgroup."""
-    if not os.read(go_fd, 1):
+def _wait_for_parent(ctx: Context) -> None:
+    """Block until the parent has put us into the container's cgroup (once)."""
+    if ctx.go_fd < 0:
+        return
+    if not os.read(ctx.go_fd, 1):
         raise InitError(EXIT_SETUP, "the parent went away before the container was created")
-    os.close(go_fd)
+    os.close(ctx.go_fd)
+    ctx.go_fd = -1
 
 
 def _wait_for_start(ctx: Context) -> int:

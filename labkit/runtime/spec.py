@@ -21,10 +21,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from labkit.errors import InvalidValue, NotFound, Unsupported
 from labkit.kernel import security
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms at every start)
+if TYPE_CHECKING:
+    from typing import Any
 
 OCI_VERSION = "1.0.2-dev"  # what Debian's runc 1.1.5 writes and reads
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -26,10 +26,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from labkit import paths
 from labkit.errors import StateError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms at every start)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class Status(enum.Enum):

@@ -23,14 +23,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from signal import SIGKILL, SIGTERM
-from typing import TYPE_CHECKING, Self
 
 from labkit import paths
 from labkit.errors import CgroupError, InvalidValue, StateError
 
 from .limits import Limits
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms at every start)
 if TYPE_CHECKING:
+    from typing import Self
+
     from .watch import Sample
 
 _NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
