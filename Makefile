@@ -3,7 +3,7 @@ VENV ?= /opt/labkit/venv
 PY := $(VENV)/bin/python
 export LABKIT_VENV := $(VENV)
 
-.PHONY: setup test lab notebooks bench
+.PHONY: setup test lab notebooks notebooks-v2 bench
 
 setup:            ## system packages, the venv, labkit
 	bash vagrant/provision.sh
@@ -19,6 +19,9 @@ lab: setup        ## start JupyterLab on http://127.0.0.1:8888
 
 notebooks:        ## regenerate notebooks/ from solutions/
 	$(PY) scripts/make_notebooks.py
+
+notebooks-v2:     ## run the cgroup notebooks under nbval in labkit's cgroup v2 VM
+	$(PY) scripts/notebooks_in_vm.py
 
 bench:            ## speed against real peers (runc, a native run)
 	for b in bench/*.py; do $(PY) $$b || exit 1; done

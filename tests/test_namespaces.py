@@ -187,3 +187,11 @@ def test_bad_options_fail_before_anything_starts():
         ns.spawn(["true"], hostname="x")
     with pytest.raises(InvalidValue, match="id map"):
         ns.spawn(["true"], new={"user"}, uid_map=[(0, 1)])
+
+
+def test_the_callers_pid_for_children_is_restored():
+    # spawn() makes the child PID 1 by switching our pid_for_children for one fork
+    r = ns.run(["true"], new={"pid"})
+    assert r.returncode == 0
+    assert os.readlink("/proc/self/ns/pid_for_children") == os.readlink("/proc/self/ns/pid")
+    assert ns.run(lambda: os.getpid()).value != 1  # a plain child is no PID 1

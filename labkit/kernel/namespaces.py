@@ -24,6 +24,7 @@ import signal
 import struct
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -150,6 +151,32 @@ def _read_exact(fd: int, n: int) -> bytes:
     return buf
 
 
+_pid_for_children = threading.Lock()
+
+
+def _fork_as_pid1() -> int:
+    """fork() a child that is PID 1 of a new PID namespace, with no process in between.
+
+    unshare(CLONE_NEWPID) does not move the caller: it only changes the namespace the
+    caller's next children are born in (/proc/self/ns/pid_for_children). So change it for
+    the moment of one fork, then set it back with setns() to our own PID namespace. The
+    lock keeps another thread of ours from forking in between.
+    """
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with _pid_for_children:  # released in the parent and in the child alike
+            syscalls.unshare(CloneFlags.CLONE_NEWPID)
+            child = -1
+            try:
+                child = _fork()
+            finally:
+                if child != 0:  # the parent (or a failed fork) goes back to normal
+                    syscalls.setns(own, CloneFlags.CLONE_NEWPID)
+            return child
+    finally:
+        os.close(own)
+
+
 def _fork() -> int:
     # Python 3.12 warns about fork() in a process with threads (Jupyter's kernel has
     # some). The child only makes system calls and execs, so the warning does not apply.
@@ -164,10 +191,11 @@ def _fork() -> int:
 class Process:
     """A process labkit started. ``pid`` is its pid as seen from the host.
 
-    With a new PID namespace there are two processes: labkit forks a child that calls
-    unshare(), and that child forks the process that becomes PID 1 inside (a process
-    never changes its own PID namespace). ``wait()`` reaps the first, which waits for the
-    second and passes its exit status on.
+    A process never changes its own PID namespace, so with a new one labkit's child is
+    born PID 1 there (see ``_fork_as_pid1``). With a user or time namespace as well, the
+    child makes those first and forks the process that becomes PID 1: then there are two
+    processes, ``wait()`` reaps the first, which waits for the second and passes its
+    exit status on.
     """
 
     def __init__(self, child: int, pid: int) -> None:
@@ -330,12 +358,16 @@ def spawn(
         raise InvalidValue("root directory", os.fspath(root), "an existing directory")
     stdio = [_fileno(x) for x in (stdin, stdout, stderr)]
 
+    # Without a user or time namespace, the parent can make the child PID 1 directly;
+    # otherwise the child makes the PID namespace (owned by its new user namespace) and
+    # forks once more.
+    pid_here = Kind.PID in new_kinds and not new_kinds & {Kind.USER, Kind.TIME}
     flags = 0
-    for k in new_kinds - {Kind.USER}:
+    for k in new_kinds - {Kind.USER} - ({Kind.PID} if pid_here else set()):
         flags |= k.flag
     rd, wr = os.pipe2(os.O_CLOEXEC)
     go_rd, go_wr = os.pipe2(os.O_CLOEXEC) if Kind.USER in new_kinds else (-1, -1)
-    child = _fork()
+    child = _fork_as_pid1() if pid_here else _fork()
     if child == 0:  # ---- in the child: never return, never raise
         os.close(rd)
         try:
@@ -347,7 +379,7 @@ def spawn(
                 syscalls.unshare(flags)
             if time_offsets:
                 _set_time_offsets(time_offsets)
-            if Kind.PID in new_kinds or Kind.TIME in new_kinds:
+            if (Kind.PID in new_kinds and not pid_here) or Kind.TIME in new_kinds:
                 _fork_into_pid_namespace(wr, pdeathsig)  # returns only in the grandchild
             _set_up_and_run(
                 wr, target, argv, new_kinds, hostname, root, mount_proc, env, cwd, stdio, _result_fd
