@@ -195,3 +195,33 @@ def test_the_callers_pid_for_children_is_restored():
     assert r.returncode == 0
     assert os.readlink("/proc/self/ns/pid_for_children") == os.readlink("/proc/self/ns/pid")
     assert ns.run(lambda: os.getpid()).value != 1  # a plain child is no PID 1
+
+
+def _children() -> set[int]:
+    me = os.getpid()
+    kids = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
+                        kids.add(int(entry))
+            except (OSError, IndexError):
+                pass
+    return kids
+
+
+def test_an_id_map_the_kernel_refuses_fails_in_one_line_and_leaves_no_child():
+    before = _children()
+    # overlapping ranges pass labkit's form check; the kernel refuses them with EINVAL
+    with pytest.raises(SyscallError, match=r"uid_map.*EINVAL.*overlap"):
+        ns.spawn(["true"], new={"user"}, uid_map=[(0, 0, 10), (5, 100, 1)])
+    time.sleep(0.1)
+    assert _children() - before == set()  # the child that waited for its map is gone and reaped
+
+
+def test_a_pid_that_does_not_exist_is_not_found():
+    from labkit.errors import NotFound
+
+    with pytest.raises(NotFound, match="no process with pid 999999999"):
+        ns.namespaces_of(999999999)

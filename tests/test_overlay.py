@@ -118,3 +118,15 @@ def test_work_on_another_filesystem_fails_with_the_call_in_the_message(layers):
     assert e.value.errno == 22
     assert str(e.value).startswith("mount('overlay' -> ")
     assert not mounts.is_mountpoint(tmp / "merged")
+
+
+def test_a_refused_mount_creates_no_directory(layers):
+    tmp, lowers, _ = layers
+    before = sorted(os.listdir(tmp))
+    with pytest.raises(InvalidValue, match="both upperdir and workdir"):
+        overlay.mount(lowers, tmp / "new" / "upper", None, tmp / "new" / "merged")
+    with pytest.raises(InvalidValue, match="without ','"):
+        overlay.mount(lowers, tmp / "up,per", tmp / "work", tmp / "merged")
+    with pytest.raises(SyscallError):  # the kernel refuses: work is on another filesystem
+        overlay.mount(lowers, tmp / "new" / "upper", "/dev/shm", tmp / "new" / "merged")
+    assert sorted(os.listdir(tmp)) == before

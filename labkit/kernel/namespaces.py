@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from labkit.errors import InvalidValue, LabkitError, require_root
+from labkit.errors import InvalidValue, LabkitError, NotFound, require_root
 from labkit.kernel import syscalls
 from labkit.kernel.syscalls import CloneFlags, MountFlags
 
@@ -97,7 +97,7 @@ def namespaces_of(pid: int | str = "self") -> dict[Kind, int]:
             result[kind] = os.stat(f"/proc/{pid}/ns/{kind.value}").st_ino
         except FileNotFoundError:
             if not os.path.exists(f"/proc/{pid}"):
-                raise LabkitError(f"no process with pid {pid}") from None
+                raise NotFound(f"no process with pid {pid}") from None
     return result
 
 
@@ -370,6 +370,8 @@ def spawn(
     child = _fork_as_pid1() if pid_here else _fork()
     if child == 0:  # ---- in the child: never return, never raise
         os.close(rd)
+        if go_wr >= 0:  # only the parent may hold it: its closing is our "give up"
+            os.close(go_wr)
         try:
             if pdeathsig:
                 syscalls.prctl(syscalls.Prctl.PR_SET_PDEATHSIG, pdeathsig)
@@ -393,17 +395,32 @@ def spawn(
     os.close(wr)
     if go_rd >= 0:
         os.close(go_rd)
+    return _await_child(child, rd, go_wr, uids, gids)
+
+
+def _await_child(child: int, rd: int, go_wr: int = -1, uids=None, gids=None) -> Process:
+    """Read the child's reports until its exec closes the pipe; then a Process for it,
+    or raise the error it reported. The child is never left behind: not when its id
+    maps cannot be written, not when the wait is interrupted (Ctrl-C in a notebook)."""
     pid, error = child, None
     try:
         while (msg := _recv(rd)) is not None:
             tag, payload = msg
             if tag == b"U":
-                _write_id_maps(child, uids, gids)
+                try:
+                    _write_id_maps(child, uids, gids)
+                except OSError as err:
+                    error = err
+                    break  # closing go_wr (below) makes the waiting child give up
                 os.write(go_wr, b"g")
             elif tag == b"P":
                 pid = int(payload)
             elif tag == b"E":
                 error = pickle.loads(payload)
+    except BaseException:
+        os.kill(child, signal.SIGKILL)  # its own children follow by PR_SET_PDEATHSIG
+        os.waitpid(child, 0)
+        raise
     finally:
         os.close(rd)
         if go_wr >= 0:
@@ -454,8 +471,15 @@ def _write_id_maps(pid: int, uids, gids) -> None:
         f.write("deny")
     for name, rows in (("uid_map", uids), ("gid_map", gids)):
         if rows:
-            with open(f"/proc/{pid}/{name}", "w") as f:
-                f.write("".join(f"{a} {b} {n}\n" for a, b, n in rows))
+            text = "".join(f"{a} {b} {n}\n" for a, b, n in rows)
+            try:
+                with open(f"/proc/{pid}/{name}", "w") as f:
+                    f.write(text)
+            except OSError as err:  # the kernel checks the map as a whole, at this write
+                raise syscalls.SyscallError(
+                    err.errno or 22, "write", f"/proc/{pid}/{name}, {text.strip()!r}",
+                    "ranges must not overlap, and at most 340 lines" if err.errno == 22 else "",
+                ) from None
 
 
 def _set_time_offsets(offsets: dict[str, float]) -> None:
@@ -656,19 +680,6 @@ def enter(
         for fd in [*fds.values(), root_fd, cwd_fd]:
             if fd >= 0:
                 os.close(fd)
-        real, error = child, None
-        try:
-            while (msg := _recv(rd)) is not None:
-                if msg[0] == b"P":
-                    real = int(msg[1])
-                elif msg[0] == b"E":
-                    error = pickle.loads(msg[1])
-        finally:
-            os.close(rd)
-        proc = Process(child, real)
-        if error is not None:
-            proc.wait()
-            raise error
-        return proc
+        return _await_child(child, rd)
 
     return _collect(start, timeout)

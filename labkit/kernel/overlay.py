@@ -49,7 +49,11 @@ def options(lowers: Iterable[str | os.PathLike], upper: str | os.PathLike | None
     if (upper is None) != (work is None):
         raise InvalidValue("overlay upper/work", (upper, work), "both upperdir and workdir, or neither")
     if upper is not None:
-        opts += f",upperdir={os.path.abspath(upper)},workdir={os.path.abspath(work)}"  # type: ignore[arg-type]
+        up, wk = os.path.abspath(upper), os.path.abspath(work)  # type: ignore[arg-type]
+        for p in (up, wk):
+            if "," in p:  # a comma would end the option and start a new one
+                raise InvalidValue("overlay layer path", p, "a path without ','")
+        opts += f",upperdir={up},workdir={wk}"
     return opts
 
 
@@ -103,14 +107,18 @@ def mount(
     for p in lows:
         if not p.is_dir():
             raise InvalidValue("overlay lower layer", str(p), "an existing directory")
-    dirs = [Path(p) for p in (upper, work, target) if p is not None]
+    opts = options(lows, upper, work)  # every value is checked before a directory is made
+    made: list[Path] = []
     if create:
-        for d in dirs:
+        for d in (Path(p).absolute() for p in (upper, work, target) if p is not None):
+            missing = [a for a in (d, *d.parents) if not a.exists()]
             d.mkdir(parents=True, exist_ok=True)
-    opts = options(lows, upper, work)
+            made += reversed(missing)  # parents before children
     try:
         syscalls.mount("overlay", target, "overlay", 0, opts)
     except SyscallError as e:
+        for d in reversed(made):  # a failed mount leaves nothing behind
+            os.rmdir(d)
         if e.errno == 22 and upper is not None:
             e.hint = ("the upper and work directories must be on one filesystem that supports "
                       "overlay upper layers (tmpfs or ext4, not another overlay), and work must be empty")
