@@ -61,12 +61,15 @@ def leftovers() -> list[str]:
             found += [str(p) for p in d.iterdir()]
     # only the ids these tests make (other suites may run containers/ groups of their own)
     found += [f"cgroup {n}" for n in cgroups.list_all() if re.fullmatch(r"containers/([0-9a-f]{64}|rt\d+)", n)]
+    # shims of this session only: another test run on the machine has its own LABKIT_ROOT
+    ours = f"LABKIT_ROOT={os.environ.get('LABKIT_ROOT', '')}".encode()
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
                 stat = Path(f"/proc/{pid}/stat").read_text()
                 if "(labkit-shim)" in stat and stat.rsplit(")", 1)[1].split()[0] != "Z":
-                    found.append(f"shim {pid}")
+                    if ours in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                        found.append(f"shim {pid}")
             except OSError:
                 pass
     return found

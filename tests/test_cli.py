@@ -102,6 +102,14 @@ def test_detached_lifecycle_with_ps_logs_exec_pause_stop_rm():
     assert labkit("ps", "-a", "-q").stdout == ""
 
 
+def test_exec_user_name_comes_from_the_containers_passwd():
+    assert labkit("run", "-d", "--name", "users", "busybox", "sleep", "30").returncode == 0
+    r = labkit("exec", "-u", "nobody", "users", "id", "-u")
+    assert (r.returncode, r.stdout) == (0, "65534\n"), r.stderr
+    r = labkit("exec", "-u", "nosuchuser", "users", "id")
+    assert r.returncode != 0 and r.stderr.startswith("labkit: invalid user 'nosuchuser'")
+
+
 def test_oom_kill_shows_137_in_ps():
     r = labkit("run", "--name", "hog", "-m", "32m", "busybox", "sh", "-c",
                "x=a; while true; do x=$x$x; done")  # fmt: skip
@@ -163,6 +171,32 @@ def test_sigkill_of_labkit_run_then_cleanup_leaves_nothing():
     _until(lambda: leftovers() == [])
     assert labkit("ps", "-a").stdout.strip().count("\n") == 0  # just the header
     assert cleanup() == []  # safe to run twice
+
+
+def test_ctrl_c_in_the_foreground_reaches_the_container_not_the_shim():
+    # a terminal's Ctrl-C signals its whole foreground process group: labkit, its shim
+    # (the shim must survive to record the exit) and, without -t, the container's init
+    p = subprocess.Popen([*LABKIT, "run", "--name", "fg", "busybox", "sh", "-c",
+                          "trap 'exit 7' INT; echo up; while true; do usleep 10000; done"],
+                         process_group=0, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert p.stdout.readline() == "up\n"
+    os.killpg(p.pid, signal.SIGINT)
+    assert p.wait(timeout=10) == 7
+    p.stdout.close()
+    assert "Exited (7)" in labkit("ps", "-a").stdout
+
+
+def test_runtime_run_interrupted_leaves_no_container(tmp_dir):
+    from bundles import bundle
+
+    b = bundle(tmp_dir, ["sh", "-c", "trap '' INT; echo up; sleep 30"])
+    p = subprocess.Popen([*LABKIT, "runtime", "run", "--bundle", str(b), "rt-int"],
+                         process_group=0, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert p.stdout.readline() == "up\n"
+    os.killpg(p.pid, signal.SIGINT)  # the container ignores it; labkit stops and cleans up
+    assert p.wait(timeout=15) == 130
+    p.stdout.close()
+    assert leftovers() == []
 
 
 def _until(cond, timeout=10.0):

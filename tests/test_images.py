@@ -200,6 +200,29 @@ def test_remove_deletes_layers_and_refuses_while_mounted(store):
     merged.rmdir()
 
 
+def test_remove_refuses_while_a_container_runs_on_the_image(store):
+    # the runtime mounts the overlay in the container's own mount namespace: the host's
+    # mount table does not show it, the container's spec does
+    from labkit.runtime import container, state
+    from labkit.runtime.spec import Spec
+
+    img = images.get("busybox")
+    cid = "rmi-busy"
+    lib = state.data_dir(cid)
+    spec = Spec.docker(["sleep", "30"], rootfs=str(store / "merged"), layers=tuple(map(str, img.layers)),
+                       upper=str(lib / "upper"), work=str(lib / "work"))  # fmt: skip
+    container.create(cid, spec)
+    try:
+        container.start(cid)
+        with pytest.raises(StateError, match="in use"):
+            images.remove("busybox")
+        assert img.layers[0].joinpath("bin/busybox").exists()
+    finally:
+        container.delete(cid, force=True)
+    images.remove("busybox")
+    assert images.list_images() == []
+
+
 # --- debian ------------------------------------------------------------------------
 
 

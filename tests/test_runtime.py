@@ -88,6 +88,19 @@ def test_spec_rejects_user_namespaces_and_missing_bind_sources():
         Spec.docker(["true"], mounts=(Mount("/x", "bind", "/no/such/dir", ("rbind",)),)).validate()
 
 
+def test_malformed_config_json_is_one_invalid_value(tmp_dir):
+    from bundles import edit_config
+
+    from labkit.runtime.spec import Rlimit
+
+    b = bundle(tmp_dir, ["true"])
+    edit_config(b, lambda doc: doc["process"]["user"].update(uid="root"))
+    with pytest.raises(InvalidValue, match="config.json"):
+        Spec.load(b)
+    with pytest.raises(InvalidValue, match="rlimit"):
+        Spec.docker(["true"], rlimits=(Rlimit("RLIMIT_FILES", 1, 1),)).validate()
+
+
 def test_secure_join_never_leaves_the_root(tmp_dir):
     root = tmp_dir / "r"
     (root / "etc").mkdir(parents=True)
@@ -236,6 +249,25 @@ def test_missing_command_fails_create_and_leaves_nothing(tmp_dir, clean):
     with pytest.raises(ExecFailed) as info:
         container.create("rt4", Spec.load(b), bundle=b)
     assert info.value.exit_code == 126
+    assert leftovers() == []
+
+
+def test_create_gives_up_on_an_init_that_hangs(tmp_dir, clean, monkeypatch):
+    # init's setup is stalled (think of a bind mount of a hung network share): create
+    # must stop waiting after CREATE_TIMEOUT, kill it and remove what it made
+    real_setup = init.setup
+
+    def stalled(ctx):
+        time.sleep(5)
+        return real_setup(ctx)
+
+    monkeypatch.setattr(init, "setup", stalled)  # the forked init runs this copy
+    monkeypatch.setattr(container, "CREATE_TIMEOUT", 0.5)
+    b = bundle(tmp_dir, ["true"])
+    started = time.monotonic()
+    with pytest.raises(StateError, match="gave no answer"):
+        container.create("rt7", Spec.load(b), bundle=b, detach=False)
+    assert time.monotonic() - started < 3
     assert leftovers() == []
 
 

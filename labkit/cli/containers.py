@@ -341,7 +341,13 @@ def cmd_exec(args: argparse.Namespace) -> int:
     cid = resolve(args.container)
     uid = gid = None
     if args.user:
-        uid, gid = _user(args.user, [str(container.spec_of(cid).rootfs)])
+        from labkit.runtime.state import check
+
+        state = container.load(cid)
+        check("exec", cid, state.status)
+        # the container's own view of its files: its rootfs overlay is mounted only in its
+        # mount namespace, and /proc/PID/root looks through init's root into it
+        uid, gid = _user(args.user, [f"/proc/{state.pid}/root"])
     for item in args.env:
         if "=" not in item:
             raise InvalidValue("environment variable", item, "KEY=VALUE")
@@ -355,17 +361,18 @@ def cmd_exec(args: argparse.Namespace) -> int:
         exited = []
 
         def done() -> bool:
-            if not exited and os.waitpid(pid, os.WNOHANG)[0]:
-                exited.append(True)
+            if not exited:
+                reaped, status = os.waitpid(pid, os.WNOHANG)
+                if reaped:
+                    exited.append(status)  # keep the status: it is the exit code to return
             return bool(exited)
 
         tty.relay(master, done)
         os.close(master)
-        if not exited:
-            status = os.waitpid(pid, 0)[1]
-            code = os.waitstatus_to_exitcode(status)
-            return 128 - code if code < 0 else code
-        return 0
+        if not exited:  # the usual way out: the pty closed before done() reaped the process
+            exited.append(os.waitpid(pid, 0)[1])
+        code = os.waitstatus_to_exitcode(exited[0])
+        return 128 - code if code < 0 else code
     null = os.open(os.devnull, os.O_RDONLY)
     try:
         stdio = container.Stdio(0 if args.interactive else null, 1, 2)

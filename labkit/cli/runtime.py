@@ -112,8 +112,8 @@ def _foreground(container_id: str, spec, bundle: str) -> int:
 
             tty.relay(master, lambda: container.load(container_id).status.value == "stopped")
         code = container.wait_shim(container_id)
-    finally:
+    finally:  # also on Ctrl-C or a failed start: runc run leaves no container behind
         if master is not None:
             os.close(master)
-    container.delete(container_id, force=True)
+        container.delete(container_id, force=True)
     return code

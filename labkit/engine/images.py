@@ -58,7 +58,7 @@ from labkit.engine import safe
 
 # Unpacking tars and building base images (tarfile, debootstrap) is needed only when an
 # image is made; `labkit run` of an image already in the store loads neither module.
-from labkit.errors import InvalidValue, NotFound, StateError
+from labkit.errors import InvalidValue, LabkitError, NotFound, StateError
 
 Progress = Callable[[str], None]  # called with one line of text per build step
 
@@ -306,7 +306,10 @@ def remove(ref: str) -> None:
         image = _load(f"{name}:{tag}", image_id)
         busy = _layers_in_use(image.layers)
         if busy:
-            raise StateError(f"image {ref!r} is in use: {busy[0]} is a lowerdir of a mounted overlay")
+            raise StateError(
+                f"image {ref!r} is in use: {busy[0]} is a lowerdir of a mounted overlay "
+                "or of a container that has not stopped"
+            )
         del repos[f"{name}:{tag}"]
         _write_atomic(_store() / "repositories.json", json.dumps(repos, indent=2, sort_keys=True).encode())
         if image_id in repos.values():
@@ -320,10 +323,20 @@ def remove(ref: str) -> None:
 
 def _layers_in_use(layer_dirs: list[Path]) -> list[Path]:
     """Layer dirs named in the options of a mounted overlay (/proc/self/mountinfo
-    shows overlay's lowerdir=... among the super options)."""
+    shows overlay's lowerdir=... among the super options), or in the spec of a
+    container that has not stopped: the runtime mounts a container's overlay inside
+    the container's own mount namespace, so our mountinfo never lists that one."""
     from labkit.kernel import mounts
+    from labkit.runtime import container
+    from labkit.runtime.state import Status
 
     overlays = [m.super_options for m in mounts.mountinfo() if m.fstype == "overlay"]
+    for state in container.list_states():
+        if state.status != Status.STOPPED:
+            try:
+                overlays.append(":".join(container.spec_of(state.id).layers))
+            except LabkitError:  # removed meanwhile
+                continue
     return [d for d in layer_dirs if any(str(d) in opts for opts in overlays)]
 
 

@@ -154,18 +154,16 @@ def _fork_container(state, spec, root, cg, stdio, detach, console, pty_master) -
         os.waitpid(first, 0)  # the double fork's middle child exits at once
     shim_pid = 0 if detach else first
     pid, message = 0, ""
-    with os.fdopen(sync_r, "r") as sync:
-        ready = select.select([sync], [], [], CREATE_TIMEOUT)[0]
-        for line in sync if ready else ():
-            word, _, rest = line.strip().partition(" ")
+    try:
+        for line in _lines(sync_r, time.monotonic() + CREATE_TIMEOUT):
+            word, _, rest = line.partition(" ")
             if word == "pid":
                 pid, shim_pid = (int(x) for x in rest.split())
-            elif word == "created":
-                message = "created"
+            elif word in ("created", "error"):
+                message = rest if word == "error" else word
                 break
-            elif word == "error":
-                message = rest
-                break
+    finally:
+        os.close(sync_r)
     if message == "created":
         return _update(state.id, lambda s: s.replace(status=Status.CREATED, pid=pid, pid_start=start_time(pid),
                                                      shim_pid=shim_pid) if s.status == Status.CREATING else s)  # fmt: skip
@@ -208,6 +206,11 @@ def _shim(state: State, spec: Spec, root: str, cg, stdio: Stdio, pipes: tuple[in
         fifo = str(container_dir(state.id) / "exec.fifo")
         init.main(init.Context(spec, root, fifo, sync_w, go_r, dirs, console))
     os.close(go_r)
+    # A foreground shim shares the terminal's process group with `labkit run`, so Ctrl-C
+    # or a closed terminal signals it too; the default action would end the monitor and
+    # lose the exit code. The caller forwards those signals to init; the shim stays.
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     started = start_time(pid)
     _send(sync_w, f"pid {pid} {os.getpid()}")
     try:
@@ -314,7 +317,10 @@ def kill(container_id: str, sig: int = signal.SIGTERM) -> None:
     """Send ``sig`` to the container's init (PID 1 ignores signals it has no handler for)."""
     state = load(container_id)
     check("kill", container_id, state.status)
-    os.kill(state.pid, sig)
+    try:
+        os.kill(state.pid, sig)
+    except ProcessLookupError:  # it exited after load() looked
+        raise StateError(f"cannot kill container {container_id[:12]}: it is stopped") from None
     if state.status == Status.PAUSED and sig == signal.SIGKILL:
         resume(container_id)  # a frozen task only dies once thawed
 
@@ -509,6 +515,20 @@ def _close_quietly(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def _lines(fd: int, deadline: float):
+    """The lines written on pipe ``fd`` until EOF or ``deadline`` (time.monotonic()).
+
+    Raw reads, each after select(2): a buffered file could hold a line already read
+    from the pipe while select, which only sees the pipe, waits for more."""
+    pending = b""
+    while (left := deadline - time.monotonic()) > 0 and select.select([fd], [], [], left)[0]:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return
+        *done, pending = (pending + chunk).split(b"\n")
+        yield from (line.decode(errors="replace").strip() for line in done)
 
 
 def _send(fd: int, line: str) -> None:

@@ -183,8 +183,10 @@ class Spec:
                 raise NotFound(f"bind mount source path {m.source!r} does not exist (for {m.destination})")
         for name in (*self.capabilities, *self.ambient):
             security.cap_name(name)
+        import resource  # the RLIMIT_* names this kernel and Python know
+
         for r in self.rlimits:
-            if not r.type.startswith("RLIMIT_") or r.soft > r.hard:
+            if not r.type.startswith("RLIMIT_") or not hasattr(resource, r.type) or r.soft > r.hard:
                 raise InvalidValue("rlimit", r, "RLIMIT_NAME with soft <= hard")
         for p in (*self.masked_paths, *self.readonly_paths):
             if not p.startswith("/"):
@@ -283,7 +285,9 @@ class Spec:
                 cgroups_path=linux.get("cgroupsPath"),
                 annotations=tuple(sorted(notes.items())),
             )
-        except (KeyError, TypeError, AttributeError) as err:
+        except InvalidValue:
+            raise  # linux.resources already named its bad field
+        except (KeyError, TypeError, AttributeError, ValueError) as err:  # ValueError: int("x")
             raise InvalidValue("config.json", f"missing or malformed {err}", "an OCI runtime spec (runc spec writes one)")
         return spec
 
