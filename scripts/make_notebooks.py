@@ -17,8 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout even before `pip install -e .`
 
-from labkit.errors import LabkitError
-from labkit.lab import notebooks
+from labkit.errors import LabkitError  # noqa: E402 - after the sys.path line above
+from labkit.lab import notebooks  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -236,7 +236,9 @@ def mount_tables(tables: Mapping[str, Sequence[Any]], limit: int = 24, path: str
     A mount is grey-blue when another table holds the very same mount (same mount
     point, device and root inside that device), orange when it is this table's own.
     """
-    key = lambda m: (m.mountpoint, m.major_minor, m.root)
+    def key(m):
+        return (m.mountpoint, m.major_minor, m.root)
+
     keys = {label: {key(m) for m in ms} for label, ms in tables.items()}
     height = min(limit, max(len(ms) for ms in tables.values())) + 1
     fig, axes = figure("Mount tables compared", "lines of /proc/PID/mountinfo",
@@ -290,7 +292,7 @@ def overlay_layers(
     fig, ax = figure("The layers of a real overlay mount", "directory listings of each layer and of the mount",
                      size=(1.8 + 0.85 * len(names), 1.6 + 0.8 * (len(rows) + 1)))
     source: dict[str, int] = {}
-    for r, (label, found) in enumerate(rows):
+    for r, (_label, found) in enumerate(rows):
         for c, name in enumerate(names):
             kind = found.get(name)
             if kind is None:
