@@ -250,6 +250,7 @@ def _run_foreground(container_id: str, spec, args, common) -> int:
 
     null = os.open(os.devnull, os.O_RDONLY)
     master = None
+    code = None
     try:
         if args.tty:
             from labkit.runtime import tty
@@ -284,8 +285,12 @@ def _run_foreground(container_id: str, spec, args, common) -> int:
         os.close(null)
         if master is not None:
             os.close(master)
-    if args.rm:
-        container.delete(container_id, force=True)
+        if args.rm:  # --rm also when start or the wait failed (as docker run --rm does)
+            try:
+                container.delete(container_id, force=True)
+            except LabkitError:
+                if code is not None:  # on the error path the first error is the one to show
+                    raise
     return code
 
 
