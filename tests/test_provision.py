@@ -153,6 +153,11 @@ def test_provision_second_run_changes_nothing_and_is_quick():
     print(f"second provisioning run: {took:.2f} s")
 
 
+def _systemd_version() -> int:
+    out = subprocess.run(["systemd-analyze", "--version"], capture_output=True, text=True, check=False).stdout
+    return int(re.search(r"systemd (\d+)", out).group(1))
+
+
 def test_service_unit_verifies():
     """The unit provision.sh --service installs, checked by systemd's own parser."""
     analyze = need_tool("systemd-analyze")
@@ -171,4 +176,8 @@ def test_service_unit_verifies():
         unit.write_text(text)
         result = subprocess.run([analyze, "verify", str(unit)], check=False, capture_output=True, text=True,
                                 timeout=60)
-    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    # DelegateSubgroup= is new in systemd 254 (the course VM has 255); older systemd
+    # (Debian 12: 252) names it as unknown and ignores it, which is what we want there.
+    noise = [line for line in result.stderr.splitlines()
+             if line.strip() and not ("DelegateSubgroup" in line and _systemd_version() < 254)]
+    assert result.returncode == 0 and not noise, result.stderr
