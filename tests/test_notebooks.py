@@ -218,3 +218,18 @@ def test_student_notebooks_fail_at_every_check_and_nowhere_else(tmp_path):
         expected_ids |= set().union(*must.values())
     assert res.returncode != 0
     assert all(len(i.split(".")) == 2 for i in expected_ids)
+
+
+def test_a_labkit_error_in_a_cell_is_one_line_not_a_traceback():
+    """A student's bad value (here a memory limit) shows labkit's one line and hint."""
+    code = (
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "shell = InteractiveShell.instance(colors='nocolor')\n"
+        "import labkit.lab.checks\n"
+        "assert labkit.lab.checks.install()\n"
+        "shell.run_cell('from labkit.kernel import cgroups; cgroups.Limits.parse(memory=\"64XB\")')\n"
+    )
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    out = (r.stdout + r.stderr).strip()
+    assert "InvalidValue: invalid memory limit '64XB'" in out, out
+    assert "Traceback" not in out and "limits.py" not in out, out

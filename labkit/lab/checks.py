@@ -199,19 +199,30 @@ def _render_stub(shell: Any, etype: type, value: BaseException, tb: Any, tb_offs
     return shell.InteractiveTB.structured_traceback(etype, value, tb, tb_offset=tb_offset)
 
 
+def _render_labkit_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> Any:
+    """A LabkitError is a mistake labkit explains itself (a bad limit, a missing image, a
+    refused mount): show its one line and hint, not the traceback through labkit."""
+    render = getattr(value, "_render_traceback_", None)
+    if render is not None:  # ExerciseFailed draws itself
+        return render()
+    return [f"{type(value).__name__}: {value.one_line()}"]  # type: ignore[attr-defined]
+
+
 def install() -> bool:
-    """Make IPython show the stubs' NotImplementedError as one line. True if installed."""
+    """Make IPython show the stubs' NotImplementedError and labkit's own errors as one
+    line each. True if installed."""
     shell = _ipython()
     if shell is None:
         return False
 
     def handler(shell_: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> Any:
-        stb = _render_stub(shell_, etype, value, tb, tb_offset)
+        render = _render_labkit_error if isinstance(value, LabkitError) else _render_stub
+        stb = render(shell_, etype, value, tb, tb_offset)
         # The ZMQ shell sends what we return as the error's traceback: nbval still sees
         # an error, so the cell fails, but the student reads one line.
         shell_._showtraceback(etype, value, stb)
 
-    shell.set_custom_exc((NotImplementedError,), handler)
+    shell.set_custom_exc((NotImplementedError, LabkitError), handler)
     return True
 
 
