@@ -70,3 +70,24 @@ def test_flag_names():
     assert flag_names(MountFlags.MS_BIND | MountFlags.MS_REC, MountFlags) == "MS_BIND|MS_REC"
     assert flag_names(0, MountFlags) == "0"
     assert flag_names(CloneFlags.CLONE_NEWPID | 0x1, CloneFlags) == "CLONE_NEWPID|0x1"
+
+
+def test_fork_with_threads_raises_no_warning():
+    """Python 3.12+ warns when a process with threads forks; a Jupyter kernel has threads,
+    and labkit's children only exec, so syscalls.fork() keeps the notebook output clean."""
+    import threading
+    import warnings
+
+    stop = threading.Event()
+    t = threading.Thread(target=stop.wait, args=(5,))
+    t.start()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            pid = syscalls.fork()
+            if pid == 0:
+                os._exit(0)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    finally:
+        stop.set()
+        t.join()

@@ -27,7 +27,6 @@ import tempfile
 import threading
 import time
 import traceback
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -168,21 +167,13 @@ def _fork_as_pid1() -> int:
             syscalls.unshare(CloneFlags.CLONE_NEWPID)
             child = -1
             try:
-                child = _fork()
+                child = syscalls.fork()
             finally:
                 if child != 0:  # the parent (or a failed fork) goes back to normal
                     syscalls.setns(own, CloneFlags.CLONE_NEWPID)
             return child
     finally:
         os.close(own)
-
-
-def _fork() -> int:
-    # Python 3.12 warns about fork() in a process with threads (Jupyter's kernel has
-    # some). The child only makes system calls and execs, so the warning does not apply.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return os.fork()
 
 
 # --- Process: a handle on a child started in new namespaces ------------------------------
@@ -367,7 +358,7 @@ def spawn(
         flags |= k.flag
     rd, wr = os.pipe2(os.O_CLOEXEC)
     go_rd, go_wr = os.pipe2(os.O_CLOEXEC) if Kind.USER in new_kinds else (-1, -1)
-    child = _fork_as_pid1() if pid_here else _fork()
+    child = _fork_as_pid1() if pid_here else syscalls.fork()
     if child == 0:  # ---- in the child: never return, never raise
         os.close(rd)
         if go_wr >= 0:  # only the parent may hold it: its closing is our "give up"
@@ -494,7 +485,7 @@ def _fork_into_pid_namespace(wr: int, pdeathsig: int | None) -> None:
     """After unshare(CLONE_NEWPID) (or CLONE_NEWTIME) our *children* go into the new
     namespace, not we ourselves: fork once more. The grandchild (PID 1 inside) returns; this process waits for it and exits the
     same way, so the caller's wait() sees the grandchild's status."""
-    grandchild = os.fork()
+    grandchild = syscalls.fork()
     if grandchild == 0:
         if pdeathsig:
             syscalls.prctl(syscalls.Prctl.PR_SET_PDEATHSIG, pdeathsig)
@@ -653,7 +644,7 @@ def enter(
         root_fd = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_CLOEXEC) if Kind.MNT in wanted else -1
         cwd_fd = os.open(f"/proc/{pid}/cwd", os.O_RDONLY | os.O_CLOEXEC) if Kind.MNT in wanted else -1
         rd, wr = os.pipe2(os.O_CLOEXEC)
-        child = _fork()
+        child = syscalls.fork()
         if child == 0:
             os.close(rd)
             try:

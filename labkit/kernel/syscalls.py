@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import enum
 import os
+import warnings
 
 from labkit.errors import SyscallError
 
@@ -111,6 +112,18 @@ def _check(result: int, call: str, args: str) -> int:
 
 def _b(path: str | os.PathLike | None) -> bytes | None:
     return None if path is None else os.fsencode(path)
+
+
+def fork() -> int:
+    """os.fork(), without Python 3.12's warning about forking a process that has threads.
+
+    The warning is about a child that goes on running Python while another thread held a
+    lock at the moment of the fork. labkit's children only make system calls and exec (a
+    Jupyter kernel, which has threads, is where the warning would otherwise show).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return os.fork()
 
 
 def unshare(flags: int) -> None:

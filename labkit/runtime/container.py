@@ -42,6 +42,7 @@ from pathlib import Path
 
 from labkit import paths
 from labkit.errors import AlreadyExists, ExecFailed, InvalidValue, LabkitError, NotFound, StateError
+from labkit.kernel import syscalls
 from labkit.runtime.spec import Spec
 from labkit.runtime.state import State, Status, all_ids, check, container_dir, data_dir, start_time
 
@@ -136,13 +137,13 @@ def create(
 def _fork_container(state, spec, root, cg, stdio, detach, console, pty_master) -> State:
     sync_r, sync_w = os.pipe()
     go_r, go_w = os.pipe()
-    first = os.fork()
+    first = syscalls.fork()
     if first == 0:  # the shim (or, when detached, the child that forks it and leaves)
         try:
             os.close(sync_r)
             if detach:
                 os.setsid()  # no controlling terminal: closing the caller's does not kill it
-                if os.fork() != 0:
+                if syscalls.fork() != 0:
                     os._exit(0)
             _shim(state, spec, root, cg, stdio, (sync_w, go_r, go_w), console, pty_master, detach)
         finally:
@@ -185,14 +186,13 @@ def _fork_container(state, spec, root, cg, stdio, detach, console, pty_master) -
 def _shim(state: State, spec: Spec, root: str, cg, stdio: Stdio, pipes: tuple[int, int, int],
           console: str | None, pty_master: int | None, detach: bool) -> None:  # fmt: skip
     """The monitor: fork init into a new PID namespace, wait for it, record the exit."""
-    from labkit.kernel import syscalls
 
     sync_w, go_r, go_w = pipes
     with open("/proc/self/comm", "w") as comm:  # what prctl(PR_SET_NAME) sets: `ps` shows it
         comm.write("labkit-shim")
     if "pid" in spec.namespaces:
         syscalls.unshare(syscalls.CloneFlags.CLONE_NEWPID)  # applies to the next child only
-    pid = os.fork()
+    pid = syscalls.fork()
     if pid == 0:  # init: PID 1 in the new namespace
         os.close(go_w)
         if pty_master is not None:

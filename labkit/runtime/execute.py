@@ -64,13 +64,13 @@ def exec_in(
             ns_fds[ns] = os.open(f"/proc/{state.pid}/ns/{NAMESPACES[ns]}", os.O_RDONLY | os.O_CLOEXEC)
     err_r, err_w = os.pipe()
     stdio = stdio or Stdio(0, 1, 2)
-    child = os.fork()
+    child = syscalls.fork()
     if child == 0:
         try:
             os.close(err_r)
             if "pid" in ns_fds:
                 syscalls.setns(ns_fds.pop("pid"), syscalls.CloneFlags.CLONE_NEWPID)
-            grandchild = os.fork()
+            grandchild = syscalls.fork()
             if grandchild == 0:
                 _enter(spec, cg, ns_fds, stdio, err_w)
             os.close(err_w)
