@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from labkit.errors import InvalidValue, SyscallError
+from labkit.errors import InvalidValue, NotFound, SyscallError
 from labkit.kernel import namespaces as ns
 from labkit.kernel.namespaces import Kind
 
@@ -225,3 +225,22 @@ def test_a_pid_that_does_not_exist_is_not_found():
 
     with pytest.raises(NotFound, match="no process with pid 999999999"):
         ns.namespaces_of(999999999)
+
+
+def test_enter_a_process_that_is_gone_is_one_line_and_leaks_nothing(monkeypatch):
+    with pytest.raises(NotFound, match="ended before"):
+        ns._open_namespaces(2**22 + 7, frozenset({Kind.UTS}))  # above pid_max: no such process
+    # the process ends after its namespace files were opened, before its cwd was
+    real_open = os.open
+
+    def open_until_cwd(path, *args, **kw):
+        if str(path).endswith("/cwd"):
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return real_open(path, *args, **kw)
+
+    fds_before = sorted(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "open", open_until_cwd)
+    with pytest.raises(NotFound, match="ended before"):
+        ns._open_namespaces(os.getpid(), frozenset({Kind.UTS, Kind.IPC, Kind.MNT}))
+    monkeypatch.undo()
+    assert sorted(os.listdir("/proc/self/fd")) == fds_before

@@ -617,6 +617,26 @@ def _collect(start: Callable[[int, int, int, int], Process], timeout: float | No
         )
 
 
+def _open_namespaces(pid: int, wanted: frozenset[Kind]) -> tuple[dict[Kind, int], int, int]:
+    """Open /proc/PID/ns/* (and root, cwd with the mount namespace). If the process ends
+    meanwhile, close what was opened and say so in one line."""
+    opened: list[int] = []
+
+    def get(path: str) -> int:
+        opened.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        return opened[-1]
+
+    try:
+        fds = {k: get(f"/proc/{pid}/ns/{k.value}") for k in wanted}
+        root_fd = get(f"/proc/{pid}/root") if Kind.MNT in wanted else -1
+        cwd_fd = get(f"/proc/{pid}/cwd") if Kind.MNT in wanted else -1
+    except OSError:
+        for fd in opened:
+            os.close(fd)
+        raise NotFound(f"process {pid} ended before its namespaces could be entered") from None
+    return fds, root_fd, cwd_fd
+
+
 def enter(
     pid: int,
     target: Sequence[str] | Callable[[], Any],
@@ -640,9 +660,7 @@ def enter(
     def start(inp: int, out: int, err: int, res: int) -> Process:
         # Open every namespace file first: once we are in their mount namespace,
         # /proc/PID may mean something else.
-        fds = {k: os.open(f"/proc/{pid}/ns/{k.value}", os.O_RDONLY | os.O_CLOEXEC) for k in wanted}
-        root_fd = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_CLOEXEC) if Kind.MNT in wanted else -1
-        cwd_fd = os.open(f"/proc/{pid}/cwd", os.O_RDONLY | os.O_CLOEXEC) if Kind.MNT in wanted else -1
+        fds, root_fd, cwd_fd = _open_namespaces(pid, wanted)
         rd, wr = os.pipe2(os.O_CLOEXEC)
         child = syscalls.fork()
         if child == 0:
