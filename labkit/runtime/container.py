@@ -3,7 +3,7 @@
 Three processes make one running container, as with Docker's containerd-shim and runc:
 
     caller (labkit run, or your notebook)
-      `-- shim     a small monitor; outside every new namespace but the PID one
+      `-- shim     a small monitor, in the host's namespaces; its child is born in a new PID one
             `-- init   PID 1 of the container: init.py, then the user's command
 
 ``create`` forks the shim; the shim calls unshare(CLONE_NEWPID) (which applies to its
