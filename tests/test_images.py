@@ -393,3 +393,18 @@ def test_remove_tree_stays_inside_within(tmp_dir, host_dir):
         safe.remove_tree("relative/path", within=tmp_dir)
     assert host_intact(host_dir)
     assert safe.remove_tree(tmp_dir / "never-was", within=tmp_dir) == 0
+
+
+def test_a_silent_debootstrap_is_stopped_by_the_timeout(tmp_dir, monkeypatch):
+    """A hung download prints nothing: the watchdog must still stop it, children included."""
+    from labkit.engine import rootfs
+    from labkit.errors import LabkitError
+
+    fake = tmp_dir / "debootstrap"
+    fake.write_text("#!/bin/sh\nsleep 30 &\nwait\n")  # a child that holds the output pipe open
+    fake.chmod(0o755)
+    monkeypatch.setattr(rootfs, "DEBOOTSTRAP_TIMEOUT", 0.5)
+    started = time.monotonic()
+    with pytest.raises(LabkitError, match="took more than 0.5s"):
+        rootfs._debootstrap(str(fake), "bookworm", tmp_dir / "tree", lambda line: None)
+    assert time.monotonic() - started < 5

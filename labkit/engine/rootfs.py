@@ -27,9 +27,11 @@ import fcntl
 import io
 import os
 import shutil
+import signal
 import subprocess
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -211,20 +213,33 @@ def _debootstrap(debootstrap: str, suite: str, tree: Path, say: Progress) -> Non
     mirror = os.environ.get("LABKIT_DEBIAN_MIRROR", DEBIAN_MIRROR)
     cmd = [debootstrap, "--variant=minbase", suite, str(tree), mirror]
     n, stage, started, tail = len(DEBIAN_STAGES), -1, time.monotonic(), []
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip()
-            tail = (tail + [line])[-5:]
-            new = max(stage, _stage_of(line, max(stage, 0)))  # debootstrap revisits "Unpacking" at the end
-            if new != stage:
-                stage = new
-                say(f"[{stage + 1}/{n}] {DEBIAN_STAGES[stage]} ({time.monotonic() - started:.0f}s)")
-            if line.startswith(("W:", "E:")):
-                say(f"      debootstrap {line}")
-            if time.monotonic() - started > DEBOOTSTRAP_TIMEOUT:
-                proc.kill()
-                raise LabkitError(f"debootstrap {suite} took more than {DEBOOTSTRAP_TIMEOUT}s; stopped it")
+    timed_out = threading.Event()
+    # its own session, so a timeout can kill debootstrap together with the dpkg and wget it runs
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as proc:
+        def stop() -> None:  # a watchdog: a hung download prints nothing for the loop below to see
+            timed_out.set()
+            os.killpg(proc.pid, signal.SIGKILL)
+
+        watchdog = threading.Timer(DEBOOTSTRAP_TIMEOUT, stop)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            assert proc.stdout is not None
+            for raw in proc.stdout:
+                line = raw.rstrip()
+                tail = (tail + [line])[-5:]
+                new = max(stage, _stage_of(line, max(stage, 0)))  # debootstrap revisits "Unpacking" at the end
+                if new != stage:
+                    stage = new
+                    say(f"[{stage + 1}/{n}] {DEBIAN_STAGES[stage]} ({time.monotonic() - started:.0f}s)")
+                if line.startswith(("W:", "E:")):
+                    say(f"      debootstrap {line}")
+        finally:
+            watchdog.cancel()
+    if timed_out.is_set():
+        raise LabkitError(f"debootstrap {suite} took more than {DEBOOTSTRAP_TIMEOUT}s; stopped it",
+                          hint="a slow or unreachable mirror: LABKIT_DEBIAN_MIRROR picks another one")
     if proc.returncode != 0:
         raise LabkitError(
             f"debootstrap {suite} failed with exit code {proc.returncode}: {tail[-1] if tail else ''}",
