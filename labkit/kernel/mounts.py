@@ -12,6 +12,7 @@ Layer: kernel. Used by overlay, the runtime's init, cleanup and the notebooks.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from labkit.kernel import syscalls
@@ -39,8 +40,8 @@ class Mount:
 
 
 def _unescape(field: str) -> str:
-    # mountinfo writes space, tab, newline and backslash in paths as octal escapes
-    return field.encode().decode("unicode_escape").encode("latin-1").decode(errors="replace") if "\\" in field else field
+    # mountinfo writes space, tab, newline and backslash in paths as octal escapes (\040 ...)
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def parse_mountinfo(text: str) -> list[Mount]:

@@ -42,21 +42,34 @@ def _gone(err: Exception) -> bool:
     return isinstance(err, NotFound) or getattr(err, "errno", None) in (errno.ENOENT, errno.ENODEV)
 
 
-def _kill_cgroups() -> list[str]:
+def _each_cgroup(action) -> list[str]:
+    """Run ``action(cgroup)`` on every labkit cgroup, deepest first; collect its lines."""
     from labkit.kernel import cgroups
 
     done = []
     for name in sorted(cgroups.list_all(), key=lambda n: n.count("/"), reverse=True):
         try:
-            cg = cgroups.open(name)
-            pids = cg.procs()
-            if pids:
-                cg.kill()
-                done.append(f"killed {len(pids)} process(es) in cgroup {name}")
-        except Exception as e:
+            line = action(cgroups.open(name))
+        except Exception as e:  # noqa: BLE001
             if not _gone(e):
                 raise
+        else:
+            if line:
+                done.append(line)
     return done
+
+
+def _kill(cg) -> str | None:
+    pids = cg.procs()
+    if not pids:
+        return None
+    cg.kill()
+    return f"killed {len(pids)} process(es) in cgroup {cg.name}"
+
+
+def _remove(cg) -> str:
+    cg.remove()
+    return f"removed cgroup {cg.name}"
 
 
 def _kill_vms() -> list[str]:
@@ -125,20 +138,6 @@ def _detach_loops() -> list[str]:
     return done
 
 
-def _remove_cgroups() -> list[str]:
-    from labkit.kernel import cgroups
-
-    done = []
-    for name in sorted(cgroups.list_all(), key=lambda n: n.count("/"), reverse=True):
-        try:
-            cgroups.open(name).remove()
-            done.append(f"removed cgroup {name}")
-        except Exception as e:
-            if not _gone(e):
-                raise
-    return done
-
-
 def _remove_containers() -> list[str]:
     """Container directories (their upper layers, logs, bundles): with the live state gone
     they belong to no container any more. Deleted without following a symlink or
@@ -168,10 +167,10 @@ def _remove_run_state() -> list[str]:
 def cleanup() -> list[str]:
     """Remove what labkit made; return one line per thing removed."""
     require_root("removing mounts, cgroups and namespaces")
-    done = _kill_cgroups() + _kill_vms()
+    done = _each_cgroup(_kill) + _kill_vms()
     if done:
         time.sleep(0.05)  # let the killed processes exit before unmounting their roots
-    steps = (_unmount_roots, _remove_netns, _remove_links, _detach_loops, _remove_cgroups,
+    steps = (_unmount_roots, _remove_netns, _remove_links, _detach_loops, lambda: _each_cgroup(_remove),
              _remove_run_state, _remove_containers)
     for step in steps:
         done += step()

@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from labkit import paths
+from labkit.kernel import mounts
 
 CGROUP2_SUPER_MAGIC = 0x63677270  # statfs(2) f_type of a cgroup2 mount ("cgrp")
 
@@ -84,26 +84,16 @@ class Mount:
 
 
 def parse_mountinfo(text: str) -> list[Mount]:
-    """The v1 cgroup mounts in a mountinfo text (proc(5), /proc/pid/mountinfo)."""
-    mounts = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        if not sep:
-            continue
-        fstype, _source, options = (right.split() + ["", ""])[:3]
-        if fstype != "cgroup":
-            continue
-        fields = left.split()
-        root, mountpoint = _unescape(fields[3]), _unescape(fields[4])
-        controllers = tuple(o for o in options.split(",") if o in V1_CONTROLLERS)
-        if controllers:
-            mounts.append(Mount(mountpoint, root, controllers))
-    return mounts
+    """The v1 cgroup mounts in a mountinfo text (proc(5), /proc/pid/mountinfo).
 
-
-def _unescape(field: str) -> str:
-    # mountinfo writes space, tab, newline and backslash as octal escapes (\040 ...)
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+    A v1 hierarchy names its controllers in the filesystem's own options, e.g.
+    ``rw,cpu,cpuacct``."""
+    found = []
+    for m in mounts.parse_mountinfo(text):
+        controllers = tuple(o for o in m.super_options.split(",") if o in V1_CONTROLLERS)
+        if m.fstype == "cgroup" and controllers:
+            found.append(Mount(m.mountpoint, m.root, controllers))
+    return found
 
 
 def parse_proc_cgroup(text: str) -> dict[str, str]:
