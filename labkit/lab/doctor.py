@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from labkit.errors import LabkitError
+
 
 @dataclass(frozen=True)
 class Check:
@@ -141,11 +143,12 @@ def check_tool(name: str, why: str, required: bool) -> Callable[[], Check]:
 
 
 def check_qemu() -> Check:
-    name = "qemu-system-aarch64" if platform.machine() == "aarch64" else "qemu-system-x86_64"
-    path = _which(name)
-    if not path:
-        return Check("qemu", "warn", f"{name} not found", "the VM lessons need it: sudo make setup", required=False)
-    return Check("qemu", "pass", path, required=False)
+    from labkit.lab.vm.host import qemu_binary
+
+    try:
+        return Check("qemu", "pass", qemu_binary(), required=False)
+    except LabkitError as e:
+        return Check("qemu", "warn", str(e), "the VM lessons need it: sudo make setup", required=False)
 
 
 def check_kvm() -> Check:
