@@ -2,19 +2,23 @@
 
 1. `labkit runtime run` vs `runc run`: the same OCI bundle (busybox, `true`), the same
    namespaces and cgroup limits, run alternately; the median wall time of each and
-   their ratio (target: labkit/runc <= 1.0).
+   their ratio (target: labkit/runtime <= 1.0).
 2. `labkit run --rm busybox true` (image, overlay, Docker's defaults) vs the runc run
    (target <= 1.5).
-3. The CLI's import time (`python -X importtime`), since a Python CLI pays it each run.
+   Both are measured the way Docker works, with labkitd running (the `labkit` command is
+   a thin client; the daemon forks a warm worker), and without it (the whole command in
+   one fresh Python process), each with the `labkit` command as installed.
+3. The CLI's import time (`python -X importtime`), which the in-process path pays each run.
 4. What one idle detached container costs on the host besides its own processes: the
-   shim's memory (RSS, and PSS, which splits pages shared with other processes fairly).
-5. The floor under any Python runtime: the interpreter's start plus the standard
-   modules labkit cannot do without (argparse, json, dataclasses, pathlib, ctypes).
+   shim's memory (RSS, and PSS, which splits pages shared with other processes fairly),
+   and what labkitd itself costs, idle, once for all containers.
+5. The floor under any Python command: the interpreter's start, and the interpreter plus
+   the standard modules labkit's in-process path cannot do without.
 
 Every command runs with Python's bytecode cache on (in the bench's temp dir), as after
 `pip install`: with PYTHONDONTWRITEBYTECODE=1 set, each run would compile labkit from
 source again (~15 ms). LABKIT_QUICK=1 runs fewer rounds. Writes bench/results/startup.json.
-Run as root: `sudo /opt/labkit/venv/bin/python bench/startup.py`.
+Run as root, after `make setup`: `sudo /opt/labkit/venv/bin/python bench/startup.py`.
 """
 
 from __future__ import annotations
@@ -33,13 +37,18 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 ROUNDS = 5 if os.environ.get("LABKIT_QUICK") else 25
-LABKIT = [sys.executable, "-m", "labkit"]
+# the command as users type it (vagrant/provision.sh installs it); else the module
+COLD: dict[str, str] = {}
+LABKIT = [shutil.which("labkit") or "/usr/local/bin/labkit"]
+if not os.path.exists(LABKIT[0]):
+    LABKIT = [sys.executable, "-m", "labkit"]
 FLOOR = "import argparse, json, dataclasses, pathlib, ctypes"
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str], env: dict | None = None) -> float:
     start = time.perf_counter()
-    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60, check=False)
+    r = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60,
+                       check=False, env=env)  # fmt: skip
     took = time.perf_counter() - start
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {r.stderr.decode().strip()}")
@@ -59,20 +68,27 @@ def import_ms() -> float:
     return total / 1000
 
 
-def shim_memory() -> dict[str, float]:
-    out = subprocess.run([*LABKIT, "run", "-d", "--rm", "busybox", "sleep", "60"], capture_output=True, text=True, check=False)
+def memory_kib(pid: int) -> tuple[int, int]:
+    """RSS and PSS of a process, in KiB."""
+    rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().split("\n")
+    values = {line.split()[0].rstrip(":"): int(line.split()[1]) for line in rollup[1:] if line}
+    return values["Rss"], values["Pss"]
+
+
+def shim_memory(prefix: str, env: dict | None = None) -> dict[str, float]:
+    out = subprocess.run([*LABKIT, "run", "-d", "--rm", "busybox", "sleep", "60"], capture_output=True, text=True,
+                         check=False, env=env, stdin=subprocess.DEVNULL)  # fmt: skip
     cid = out.stdout.strip()
     try:
         state = json.loads((Path(os.environ["LABKIT_ROOT"]) / "run" / "containers" / cid / "state.json").read_text())
-        shim = state["shim_pid"]
-        rollup = Path(f"/proc/{shim}/smaps_rollup").read_text().split("\n")
-        values = {line.split()[0].rstrip(":"): int(line.split()[1]) for line in rollup[1:] if line}
-        return {"shim_rss_kib": values["Rss"], "shim_pss_kib": values["Pss"]}
+        rss, pss = memory_kib(state["shim_pid"])
+        return {f"{prefix}_rss_kib": rss, f"{prefix}_pss_kib": pss}
     finally:
-        subprocess.run([*LABKIT, "rm", "-f", cid], capture_output=True, check=False)
+        subprocess.run([*LABKIT, "rm", "-f", cid], capture_output=True, check=False, stdin=subprocess.DEVNULL)
 
 
 def main() -> int:
+    global COLD
     from bundles import bundle, edit_config
 
     runc = shutil.which("runc") or "/usr/sbin/runc"
@@ -80,6 +96,7 @@ def main() -> int:
     os.environ.setdefault("LABKIT_ROOT", str(root / "state"))
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # the children cache bytecode, as an install does
     os.environ["PYTHONPYCACHEPREFIX"] = str(root / "pycache")  # ... in our temp dir, not the source tree
+    COLD = {**os.environ, "LABKIT_NO_DAEMON": "1"}  # the whole command in one fresh process
     try:
         b = bundle(root / "bundle", ["true"])
 
@@ -87,35 +104,64 @@ def main() -> int:
             doc["linux"]["resources"] = {"memory": {"limit": 64 << 20}, "pids": {"limit": 50}}
 
         edit_config(b, limits)
+        from labkit.engine import daemon
+
         # warm up: build the busybox image, fill the bytecode cache
-        subprocess.run([*LABKIT, "run", "--rm", "busybox", "true"], check=True, capture_output=True)
-        subprocess.run([*LABKIT, "runtime", "run", "--bundle", str(b), "bench-warm"], check=True, capture_output=True)
-        times: dict[str, list[float]] = {"labkit runtime run": [], "runc run": [], "labkit run --rm": []}
+        subprocess.run([*LABKIT, "run", "--rm", "busybox", "true"], check=True, capture_output=True, env=COLD)
+        subprocess.run([*LABKIT, "runtime", "run", "--bundle", str(b), "bench-warm"], check=True, capture_output=True,
+                       env=COLD)  # fmt: skip
+        daemon_pid = daemon.start()
+        runs = {
+            "runc run": ([runc, "run", "--bundle", str(b), "bench-rc{i}"], None),
+            "labkit runtime run": ([*LABKIT, "runtime", "run", "--bundle", str(b), "bench-lk{i}"], None),
+            "labkit run --rm": ([*LABKIT, "run", "--rm", "busybox", "true"], None),
+            "labkit runtime run, no labkitd": ([*LABKIT, "runtime", "run", "--bundle", str(b), "bench-nd{i}"], COLD),
+            "labkit run --rm, no labkitd": ([*LABKIT, "run", "--rm", "busybox", "true"], COLD),
+        }
+        times: dict[str, list[float]] = {k: [] for k in runs}
         for i in range(ROUNDS):
-            times["runc run"].append(timed([runc, "run", "--bundle", str(b), f"bench-rc{i}"]))
-            times["labkit runtime run"].append(timed([*LABKIT, "runtime", "run", "--bundle", str(b), f"bench-lk{i}"]))
-            times["labkit run --rm"].append(timed([*LABKIT, "run", "--rm", "busybox", "true"]))
+            for name, (cmd, env) in runs.items():
+                times[name].append(timed([a.format(i=i) for a in cmd], env))
+        served = daemon.log_path().read_text().count("labkitd: worker ")
+        if served < 2 * ROUNDS:
+            raise SystemExit(f"labkitd served {served} of {2 * ROUNDS} runs: the numbers would be wrong")
         med = {k: statistics.median(v) * 1000 for k, v in times.items()}
+        rss, pss = memory_kib(daemon_pid)
         result = {
             "rounds": ROUNDS,
+            "command": LABKIT,
             "median_ms": med,
             "ratio_runtime_vs_runc": med["labkit runtime run"] / med["runc run"],
             "ratio_run_vs_runc": med["labkit run --rm"] / med["runc run"],
-            "python_startup_ms": statistics.median(timed([sys.executable, "-c", "pass"]) for _ in range(5)) * 1000,
+            "ratio_runtime_vs_runc_no_labkitd": med["labkit runtime run, no labkitd"] / med["runc run"],
+            "ratio_run_vs_runc_no_labkitd": med["labkit run --rm, no labkitd"] / med["runc run"],
+            "python_startup_ms": statistics.median(timed([sys.executable, "-S", "-c", "pass"]) for _ in range(5)) * 1000,
             "python_floor_ms": statistics.median(timed([sys.executable, "-c", FLOOR]) for _ in range(5)) * 1000,
             "labkit_import_ms": import_ms(),
-            **shim_memory(),
+            "labkitd_rss_kib": rss,
+            "labkitd_pss_kib": pss,
+            **shim_memory("shim", COLD),
+            **shim_memory("shim_via_labkitd"),
         }
     finally:
+        from labkit.engine import daemon
+
+        if daemon.running_pid():
+            daemon.stop()
         if str(root) not in Path("/proc/self/mountinfo").read_text():
             shutil.rmtree(root, ignore_errors=True)
     for k, v in med.items():
-        print(f"{k:<22} {v:7.1f} ms (median of {ROUNDS})")
-    print(f"labkit runtime run / runc run = {result['ratio_runtime_vs_runc']:.2f}  (target <= 1.0)")
-    print(f"labkit run --rm / runc run    = {result['ratio_run_vs_runc']:.2f}  (target <= 1.5)")
-    print(f"python startup {result['python_startup_ms']:.1f} ms, labkit imports {result['labkit_import_ms']:.1f} ms")
-    print(f"python + {FLOOR.removeprefix('import ')}: {result['python_floor_ms']:.1f} ms (the floor)")
-    print(f"idle container's shim: RSS {result['shim_rss_kib']} KiB, PSS {result['shim_pss_kib']} KiB")
+        print(f"{k:<32} {v:7.1f} ms (median of {ROUNDS})")
+    print(f"labkit runtime run / runc run = {result['ratio_runtime_vs_runc']:.2f}  (target <= 1.0; "
+          f"{result['ratio_runtime_vs_runc_no_labkitd']:.2f} without labkitd)")
+    print(f"labkit run --rm / runc run    = {result['ratio_run_vs_runc']:.2f}  (target <= 1.5; "
+          f"{result['ratio_run_vs_runc_no_labkitd']:.2f} without labkitd)")
+    print(f"python -S startup {result['python_startup_ms']:.1f} ms (the thin client's floor), "
+          f"labkit imports {result['labkit_import_ms']:.1f} ms (paid in-process)")
+    print(f"python + {FLOOR.removeprefix('import ')}: {result['python_floor_ms']:.1f} ms (the in-process floor)")
+    print(f"idle container's shim: RSS {result['shim_rss_kib']} KiB, PSS {result['shim_pss_kib']} KiB "
+          f"(forked by labkitd: RSS {result['shim_via_labkitd_rss_kib']} KiB, PSS {result['shim_via_labkitd_pss_kib']} KiB)")
+    print(f"labkitd, idle, once for all containers: RSS {result['labkitd_rss_kib']} KiB, PSS {result['labkitd_pss_kib']} KiB")
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     (out / "startup.json").write_text(json.dumps(result, indent=2) + "\n")

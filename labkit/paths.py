@@ -42,6 +42,11 @@ def run_root() -> Path:
     return root / "run" if root else Path("/run/labkit")
 
 
+def daemon_socket() -> Path:
+    """labkitd's Unix socket (labkit/cli/client.py spells the same rule without pathlib)."""
+    return run_root() / "labkitd.sock"
+
+
 def images_dir() -> Path:
     return lib_root() / "images"
 

@@ -47,6 +47,8 @@ def edit_config(dir_: Path, change) -> None:
 
 
 def labkit(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    if "input" not in kw:  # not the terminal pytest may run in: labkitd serves only non-terminal stdin
+        kw.setdefault("stdin", subprocess.DEVNULL)
     return subprocess.run([*LABKIT, *args], capture_output=True, text=True, timeout=timeout, check=False, **kw)
 
 
@@ -73,3 +75,13 @@ def leftovers() -> list[str]:
             except OSError:
                 pass
     return found
+
+
+def served_by_labkitd() -> int:
+    """How many commands labkitd of this state root has served (lines in its log)."""
+    from labkit.engine import daemon
+
+    try:
+        return daemon.log_path().read_text().count("labkitd: worker ")
+    except FileNotFoundError:
+        return 0

@@ -222,6 +222,7 @@ def test_memory_limit_oom_kills_the_child_only(make):
     assert child.returncode == -9 and "survived" not in out  # SIGKILL from the OOM killer
     got = cg.stats()
     assert got.oom_kills is not None and got.oom_kills >= 1
+    assert cg.oom_kills() == got.oom_kills  # the one-file read the runtime's shim uses
     assert got.memory_limit == 32 * MiB
     if VERSION == 1:  # Docker's memory+swap total, or v2's swap alone: no swap at all here
         assert (cg.paths["memory"] / "memory.memsw.limit_in_bytes").read_text().strip() == str(32 * MiB)
@@ -395,6 +396,19 @@ def test_remove_waits_for_processes_and_kill_empties(make):
     child.wait(timeout=5)
     cg.remove()
     assert not cg.exists()
+
+
+def test_close_kills_removes_and_can_keep_the_parents(make):
+    cg = make("t-keep/c1", pids=10)
+    assert cg.oom_kills() in (0, None)  # None: a kernel that does not count them
+    child = spawn(cg, "import time\ntime.sleep(30)\n")
+    cg.close(keep_parents=True)  # as the runtime does for containers/<id>
+    assert child.wait(timeout=5) == -9 and not cg.exists()
+    parent = cgroups.open("t-keep")  # kept, and empty
+    assert parent.procs(recursive=True) == []
+    empty = make("t-keep/c2")
+    empty.close()  # an empty group: one rmdir per directory, then the empty parents
+    assert not empty.exists() and not parent.exists()
 
 
 def test_context_manager_kills_and_removes():

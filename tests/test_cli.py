@@ -9,12 +9,33 @@ import subprocess
 import time
 
 import pytest
-from bundles import LABKIT, labkit, leftovers
+from bundles import LABKIT, labkit, leftovers, served_by_labkitd
+
+
+@pytest.fixture(scope="module", params=["in-process", "labkitd"])
+def mode(request):
+    """Every test runs twice: each command in the labkit process, then each one handed to
+    labkitd (client.py), which must give the same output and exit code."""
+    from labkit.engine import daemon
+
+    if request.param == "labkitd":
+        daemon.start()
+    yield request.param
+    if daemon.running_pid():
+        daemon.stop()
 
 
 @pytest.fixture(autouse=True)
-def clean():
+def clean(mode):
+    from labkit.engine import daemon
+
+    if mode == "labkitd":
+        daemon.start()  # again if a test's `labkit cleanup` stopped it
+    before = served_by_labkitd()
     yield
+    if mode == "labkitd":
+        # more lines, or none after a test's `labkit cleanup` removed the log with the run root
+        assert served_by_labkitd() != before, "labkitd served none of this test's commands"
     for line in labkit("ps", "-a", "-q").stdout.split():
         labkit("rm", "-f", line)
     assert leftovers() == []
@@ -204,3 +225,13 @@ def _until(cond, timeout=10.0):
     while not cond():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_rm_force_of_an_rm_container_races_with_its_own_removal():
+    # the shim removes a --rm container once it exits; `rm -f` removes it too, at the same time
+    for _ in range(8):
+        cid = labkit("run", "-d", "--rm", "busybox", "sleep", "30").stdout.strip()
+        r = labkit("rm", "-f", cid)
+        assert (r.returncode, r.stderr) == (0, ""), r.stderr
+        assert r.stdout.strip() == cid
+    _until(lambda: leftovers() == [])

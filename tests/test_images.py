@@ -382,6 +382,22 @@ def test_remove_tree_refuses_a_mount_and_deletes_nothing(tmp_dir, host_dir):
     assert host_intact(host_dir)
 
 
+def test_mounts_below_matches_whole_path_components(tmp_dir, host_dir):
+    # "ab" shares a prefix with "a" but lies outside it: only the mount point's own
+    # directory and its parents may report it
+    for d in ("a", "ab", "a/b"):
+        (tmp_dir / d).mkdir()
+    mounts.bind(host_dir, tmp_dir / "ab")
+    try:
+        assert safe.mounts_below(tmp_dir / "a") == []
+        assert safe.mounts_below(tmp_dir / "ab") == [tmp_dir / "ab"]
+        assert safe.mounts_below(f"{tmp_dir}/./") == [tmp_dir / "ab"]
+        safe.remove_tree(tmp_dir / "a", within=tmp_dir)  # not refused: nothing is mounted inside
+    finally:
+        syscalls.umount2(tmp_dir / "ab")
+    assert host_intact(host_dir) and not (tmp_dir / "a").exists()
+
+
 def test_remove_tree_stays_inside_within(tmp_dir, host_dir):
     for outside in (host_dir, tmp_dir / ".." / ".." / host_dir.name, tmp_dir, Path("/")):
         with pytest.raises(InvalidValue, match="a path inside"):

@@ -181,3 +181,23 @@ def test_service_unit_verifies():
     noise = [line for line in result.stderr.splitlines()
              if line.strip() and not ("DelegateSubgroup" in line and _systemd_version() < 254)]
     assert result.returncode == 0 and not noise, result.stderr
+
+
+def test_labkitd_unit_verifies():
+    """labkitd.service, as provision.sh --service fills it in, checked by systemd's parser."""
+    analyze = need_tool("systemd-analyze")
+    template = (REPO / "vagrant" / "labkitd.service.in").read_text()
+    text = template.replace("@VENV@", str(VENV))
+    assert not re.search(r"@[A-Z_]+@", text), "a placeholder that provision.sh does not fill in"
+    assert "@VENV@" in (REPO / "vagrant" / "provision.sh").read_text()
+    for line in ("ExecStart=" + str(VENV) + "/bin/python -m labkit daemon run", "KillMode=process",
+                 "Restart=always", "WantedBy=multi-user.target"):  # fmt: skip
+        assert line in text
+    with tempfile.TemporaryDirectory(prefix="labkit-unit-") as d:
+        unit = Path(d, "labkitd.service")
+        unit.write_text(text)
+        result = subprocess.run([analyze, "verify", str(unit)], check=False, capture_output=True, text=True,
+                                timeout=60)  # fmt: skip
+    noise = [line for line in result.stderr.splitlines()
+             if line.strip() and not ("DelegateSubgroup" in line and _systemd_version() < 254)]
+    assert result.returncode == 0 and not noise, result.stderr

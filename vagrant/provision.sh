@@ -3,7 +3,7 @@
 #
 #   sudo vagrant/provision.sh            # system packages, venv, labkit, Jupyter's token
 #   sudo vagrant/provision.sh --dev      # also the tools the test suite uses
-#   sudo vagrant/provision.sh --service  # also JupyterLab as the labkit-lab systemd service
+#   sudo vagrant/provision.sh --service  # also JupyterLab (labkit-lab) and labkitd as systemd services
 #                                        # (the course VM; only where systemd is PID 1)
 #
 # Idempotent: a second run installs nothing, changes nothing and takes a few seconds.
@@ -123,8 +123,18 @@ put() {  # put PATH MODE < content; returns 0 when it wrote, 1 when nothing chan
   install -m "$2" "$tmp" "$1"; rm -f "$tmp"
   say "wrote $1"
 }
-[ "$(readlink /usr/local/bin/labkit 2>/dev/null)" = "$VENV/bin/labkit" ] ||
-  ln -sf "$VENV/bin/labkit" /usr/local/bin/labkit
+# The labkit command. Python's -S skips the scan of site-packages (~4 ms of every start):
+# the container commands go to labkitd and need nothing from there; when a command runs
+# in-process, labkit.cli.main() loads site-packages first.
+labkit_home=$("$VENV/bin/python" -c 'import labkit, os; print(os.path.dirname(os.path.dirname(labkit.__file__)))')
+[ -L /usr/local/bin/labkit ] && rm -f /usr/local/bin/labkit  # a symlink made by older versions
+put /usr/local/bin/labkit 0755 <<EOF || true
+#!$VENV/bin/python -S
+import sys
+sys.path.insert(0, "$labkit_home")
+from labkit.cli import main
+sys.exit(main())
+EOF
 # labkit-lab: the lab's URL with its token (`sudo labkit-lab url`), and the server itself
 put /usr/local/bin/labkit-lab 0755 <<EOF || true
 #!/bin/sh
@@ -154,6 +164,15 @@ if [ "$SERVICE" = 1 ]; then
       systemctl enable --quiet --now labkit-lab
     fi
     say "JupyterLab: the labkit-lab service is $(systemctl is-active labkit-lab || true); 'sudo labkit-lab url' prints its address"
+    # labkitd: the `labkit` command's daemon (like docker.service)
+    if sed -e "s|@VENV@|$VENV|g" "$REPO/vagrant/labkitd.service.in" | put /etc/systemd/system/labkitd.service 0644; then
+      systemctl daemon-reload
+      systemctl enable --quiet labkitd
+      systemctl restart labkitd
+    elif ! systemctl is-active --quiet labkitd; then
+      systemctl enable --quiet --now labkitd
+    fi
+    say "labkitd: the labkitd service is $(systemctl is-active labkitd || true)"
   fi
 fi
 

@@ -1,140 +1,48 @@
 """The ``labkit`` command: labkit's docker CLI.
 
-Each subcommand lives in a module of this package that provides two functions:
+Like ``docker``, the command is a client. When labkitd (labkit's dockerd, see
+labkit/engine/daemon.py) is running, the container commands go to it: it has every
+module loaded already and forks a worker that runs the command with this process's
+stdin, stdout, stderr, working directory and environment (client.py). Without labkitd,
+or for a terminal, the command runs right here (dispatch.py), which gives the same
+output and exit code, only later: a Python process takes ~50 ms to load labkit.
 
-    add_arguments(command: str, parser: argparse.ArgumentParser) -> None
-    run(command: str, args: argparse.Namespace) -> int   # the exit code
-
-Only the module of the command being run is imported, so ``labkit run`` starts about
-as fast as ``runc run`` does. Every LabkitError becomes one line on stderr,
-``labkit: <what went wrong>``, and a non-zero exit: never a traceback.
+This module imports nothing but the client, so that the daemon path stays fast.
 
 Layer: the top. Imports the others lazily.
 """
 
-from __future__ import annotations
-
-import argparse
-import importlib
-import os
 import sys
 
-from labkit.errors import LabkitError
 
-# name -> (module, one-line help). Grouped as `labkit --help` shows them.
-COMMANDS: dict[str, tuple[str, str]] = {
-    # containers, with docker's names and flags
-    "run": ("labkit.cli.containers", "Run a command in a new container"),
-    "ps": ("labkit.cli.containers", "List containers"),
-    "exec": ("labkit.cli.containers", "Run a command in a running container"),
-    "logs": ("labkit.cli.containers", "Show a container's output"),
-    "stop": ("labkit.cli.containers", "Stop containers (SIGTERM, then SIGKILL)"),
-    "kill": ("labkit.cli.containers", "Send a signal to containers"),
-    "rm": ("labkit.cli.containers", "Remove containers"),
-    "pause": ("labkit.cli.containers", "Freeze every process of containers"),
-    "unpause": ("labkit.cli.containers", "Thaw paused containers"),
-    "stats": ("labkit.cli.containers", "Live CPU, memory and pids of containers"),
-    "inspect": ("labkit.cli.containers", "Show a container or image as JSON"),
-    "images": ("labkit.cli.containers", "List images"),
-    # runc's command line over an OCI bundle
-    "runtime": ("labkit.cli.runtime", "runc-like commands over an OCI bundle"),
-    # the course
-    "doctor": ("labkit.cli.lab", "Check this machine for everything the course needs"),
-    "cleanup": ("labkit.cli.lab", "Remove every mount, cgroup, namespace, link and process labkit made"),
-    "vm": ("labkit.cli.vm", "Run a command in labkit's small VM"),
-}
-
-
-def _usage() -> str:
-    width = max(map(len, COMMANDS))
-    lines = ["usage: labkit COMMAND [ARGS...]", "", "Build and run containers from kernel primitives.", "", "Commands:"]
-    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run 'labkit COMMAND --help' for a command's options."]
-    return "\n".join(lines)
-
-
-class _HelpFormatter(argparse.HelpFormatter):
-    """argparse's formatter, given the terminal width up front. argparse makes one for
-    every add_argument(), and left to itself each asks shutil, whose import costs ~2 ms
-    of every labkit start."""
-
-    def __init__(self, prog: str) -> None:
-        try:
-            width = int(os.environ.get("COLUMNS") or os.get_terminal_size(sys.stdout.fileno()).columns)
-        except (OSError, ValueError):  # not a terminal
-            width = 80
-        super().__init__(prog, width=width - 2)
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser with _HelpFormatter; sub-command parsers are made of this class too."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("formatter_class", _HelpFormatter)
-        super().__init__(*args, **kwargs)
-
-
-def build_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
-    module_name, help_ = COMMANDS[command]
-    module = importlib.import_module(module_name)
-    parser = _Parser(prog=f"labkit {command}", description=help_)
-    module.add_arguments(command, parser)
-    return parser, module
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: "list[str] | None" = None) -> int:
     """Run one command; its exit code. Called without ``argv`` it is the ``labkit``
-    process itself, and it ends the process (see _exit)."""
-    code = _dispatch(list(sys.argv[1:] if argv is None else argv))
+    process itself: it asks labkitd first, and it ends the process."""
     if argv is None:
-        _exit(code)
-    return code
+        from labkit.cli import client
 
-
-def _exit(code: int) -> None:
-    """End the process now, skipping the interpreter's teardown: freeing every module's
-    objects one by one takes ~5 ms, the kernel frees the whole memory at once."""
-    for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
-        except OSError:  # `labkit ps | head`: the reader has gone
-            pass
-    os._exit(code)
+            code = client.via_daemon(sys.argv[1:])
+        except KeyboardInterrupt:  # Ctrl-C before the worker was known
+            code = 130
+        if code is not None:
+            client.exit_now(code)
+    if sys.flags.no_site:  # started by the fast launcher (python -S): find site-packages now
+        import site
+
+        site.main()
+    from labkit.cli import dispatch
+
+    return dispatch.main(argv)
 
 
-def _dispatch(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return 0 if argv else 2
-    if argv[0] == "--version":
-        from labkit import __version__
+def __getattr__(name: str):
+    """``labkit.cli.build_parser`` and friends live in dispatch.py, loaded on first use."""
+    if name in ("build_parser", "COMMANDS", "_dispatch"):
+        from labkit.cli import dispatch
 
-        print(f"labkit {__version__}")
-        return 0
-    command = argv[0]
-    if command not in COMMANDS:
-        print(f"labkit: unknown command {command!r}; 'labkit --help' lists them", file=sys.stderr)
-        return 2
-    try:
-        parser, module = build_parser(command)
-        args = parser.parse_args(argv[1:])
-        return int(module.run(command, args) or 0)
-    except LabkitError as err:
-        print(f"labkit: {err.one_line()}", file=sys.stderr)
-        return int(getattr(err, "exit_code", 1))
-    except PermissionError as err:  # a kernel refusal we did not foresee: still one line
-        print(f"labkit: needs root: {err.strerror or err} (hint: run it with sudo)", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # `labkit ps | head`
-        return 0
-    except Exception as err:  # a bug in labkit, not the user's mistake: still one line
-        if os.environ.get("LABKIT_DEBUG"):
-            raise
-        print(f"labkit: internal error: {type(err).__name__}: {err} (hint: LABKIT_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
-        return 1
+        return getattr(dispatch, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -43,9 +43,10 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 def mounts_below(path: str | os.PathLike[str]) -> list[Path]:
     """Mount points at ``path`` or anywhere inside it. ``path`` is compared as given,
     not resolved: a symlink to /proc is a link to delete, not a mount point."""
-    top = Path(path)
-    found = (Path(m.mountpoint) for m in mounts.mountinfo())
-    return [p for p in found if p == top or top in p.parents]
+    # compared as strings: a Path per mount costs more than reading mountinfo does
+    top = str(Path(path))
+    below = "/" if top == "/" else top + "/"
+    return [Path(p) for p in (m.mountpoint for m in mounts.mountinfo()) if p == top or p.startswith(below)]
 
 
 def _check_inside(path: Path, within: Path) -> tuple[Path, Path]:
@@ -134,8 +135,15 @@ def remove_at(dir_fd: int, name: str) -> int:
 
 
 def _remove_dir(parent_fd: int, name: str, dev: int, shown: Path) -> int:
-    """Empty directory ``name`` (relative to ``parent_fd``), then rmdir it."""
-    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    """Empty directory ``name`` (relative to ``parent_fd``), then rmdir it.
+
+    An entry that is gone already is no error: another process may be deleting the same
+    tree (``labkit rm -f`` of a ``--rm`` container races with its shim's own removal).
+    """
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return 0
     count = 0
     try:
         if os.fstat(fd).st_dev != dev:
@@ -144,13 +152,16 @@ def _remove_dir(parent_fd: int, name: str, dev: int, shown: Path) -> int:
                 f"refusing to delete {shown}: another filesystem is mounted there; unmount first"
             )
         for entry in os.listdir(fd):
-            st = os.lstat(entry, dir_fd=fd)
-            if stat.S_ISDIR(st.st_mode):
-                count += _remove_dir(fd, entry, dev, shown / entry)
-            else:
-                # unlinkat on a symlink removes the link itself: its target is untouched.
-                os.unlink(entry, dir_fd=fd)
-                count += 1
+            try:
+                st = os.lstat(entry, dir_fd=fd)
+                if stat.S_ISDIR(st.st_mode):
+                    count += _remove_dir(fd, entry, dev, shown / entry)
+                else:
+                    # unlinkat on a symlink removes the link itself: its target is untouched.
+                    os.unlink(entry, dir_fd=fd)
+                    count += 1
+            except FileNotFoundError:
+                pass  # removed by the other deleter meanwhile
     except SyscallError:
         raise
     except OSError as err:
@@ -161,6 +172,8 @@ def _remove_dir(parent_fd: int, name: str, dev: int, shown: Path) -> int:
         os.close(fd)
     try:
         os.rmdir(name, dir_fd=parent_fd)
+    except FileNotFoundError:
+        return count
     except OSError as err:
         raise SyscallError(err.errno or errno.EIO, "rmdir", repr(str(shown))) from None
     return count + 1

@@ -3,8 +3,9 @@
 labkit names every kernel object it creates so that it can be found again after a crash
 (see labkit/paths.py):
 
-1. processes: everything in a cgroup below a ``labkit`` parent, and qemu VMs named
-   ``labkit-vm-*`` whose launching process has gone;
+1. processes: labkitd (its socket lives in the run root, removed below; under systemd
+   the service starts a fresh one), everything in a cgroup below a ``labkit`` parent,
+   and qemu VMs named ``labkit-vm-*`` whose launching process has gone;
 2. mounts: everything mounted below the state roots (/var/lib/labkit, /run/labkit);
 3. network namespaces named ``labkit-*`` (bind mounts in /run/netns) and links whose
    name starts with ``lk``;
@@ -154,6 +155,14 @@ def _remove_containers() -> list[str]:
     return done
 
 
+def _stop_daemon() -> list[str]:
+    from labkit.engine import daemon
+
+    if daemon.running_pid() is None:
+        return []
+    return [f"stopped labkitd (pid {daemon.stop()})"]
+
+
 def _remove_run_state() -> list[str]:
     run = paths.run_root()
     if not run.exists() or not any(run.iterdir()):
@@ -167,7 +176,7 @@ def _remove_run_state() -> list[str]:
 def cleanup() -> list[str]:
     """Remove what labkit made; return one line per thing removed."""
     require_root("removing mounts, cgroups and namespaces")
-    done = _each_cgroup(_kill) + _kill_vms()
+    done = _stop_daemon() + _each_cgroup(_kill) + _kill_vms()
     if done:
         time.sleep(0.05)  # let the killed processes exit before unmounting their roots
     steps = (_unmount_roots, _remove_netns, _remove_links, _detach_loops, lambda: _each_cgroup(_remove),

@@ -25,6 +25,8 @@ from pathlib import Path
 from labkit.errors import InvalidValue, NotFound, Unsupported
 from labkit.kernel import security
 
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,62})")  # compiled once, at import, not per container
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms at every start)
 if TYPE_CHECKING:
     from typing import Any
@@ -158,7 +160,7 @@ class Spec:
         for what, value in (("uid", self.uid), ("gid", self.gid), *(("gid", g) for g in self.additional_gids)):
             if not isinstance(value, int) or not 0 <= value < 2**32 - 1:
                 raise InvalidValue(what, value, "a number from 0 to 4294967294")
-        if self.hostname is not None and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,62})", self.hostname):
+        if self.hostname is not None and not _HOSTNAME.fullmatch(self.hostname):
             raise InvalidValue("hostname", self.hostname, "1-63 letters, digits, '-' or '.'")
         seen = set()
         for ns in self.namespaces:

@@ -99,7 +99,8 @@ class State:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        # getattr, not dataclasses.asdict: asdict deep-copies every value, ~10x slower
+        d = {name: getattr(self, name) for name in _FIELDS}
         d["status"] = self.status.value
         d["command"] = list(self.command)
         d["ociVersion"] = "1.0.2-dev"
@@ -107,23 +108,29 @@ class State:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> State:
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in d.items() if k in known}
+        values = {k: v for k, v in d.items() if k in _FIELDS}
         values["status"] = Status(values["status"])
         values["command"] = tuple(values.get("command") or ())
         return cls(**values)
 
     def save(self) -> None:
-        """Write state.json atomically: readers see the old or the new file, never half."""
-        path = container_dir(self.id) / "state.json"
-        tmp = path.with_name(f".state.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        os.replace(tmp, path)
+        """Write state.json atomically: readers see the old or the new file, never half.
+
+        One line, as runc writes its state.json: json's C encoder only runs without
+        ``indent`` (with it, the pure-Python one takes ~10x as long)."""
+        directory = os.fspath(container_dir(self.id))
+        tmp = f"{directory}/.state.{os.getpid()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, json.dumps(self.to_json()).encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, f"{directory}/state.json")
 
     @classmethod
     def load(cls, container_id: str) -> State:
-        text = (container_dir(container_id) / "state.json").read_text()
-        return cls.from_json(json.loads(text))
+        with open(f"{os.fspath(container_dir(container_id))}/state.json", "rb") as f:
+            return cls.from_json(json.loads(f.read()))
 
     def refresh(self) -> State:
         """The status as the kernel sees it now."""
@@ -137,6 +144,9 @@ class State:
         return self
 
 
+_FIELDS = tuple(f.name for f in dataclasses.fields(State))
+
+
 def start_time(pid: int) -> int:
     """Field 22 of /proc/PID/stat: when the process started, in clock ticks after boot."""
     with open(f"/proc/{pid}/stat") as f:
@@ -146,10 +156,9 @@ def start_time(pid: int) -> int:
 
 def _alive(pid: int, started: int) -> bool:
     try:
-        if start_time(pid) != started:
-            return False
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            fields = f.read().rsplit(")", 1)[1].split()  # field 3 is fields[0]
+        return int(fields[19]) == started and fields[0] != "Z"  # same start time, not a zombie
     except (OSError, IndexError, ValueError):
         return False
 

@@ -125,6 +125,10 @@ class V2Cgroup(Cgroup):
             write(self.path / "cgroup.kill", 1)
 
     # -- accounting ---------------------------------------------------------------------
+    def oom_kills(self) -> int | None:
+        events = self.path / "memory.events"
+        return read_keyed(events).get("oom_kill") if events.exists() else None
+
     def stats(self) -> CgroupStats:
         d = self.path
 

@@ -1,0 +1,215 @@
+"""labkitd and the thin client: same results as in-process, and every reason to fall back.
+
+tests/test_cli.py runs all of its tests twice, in-process and through labkitd; these
+tests cover the daemon itself: its lifecycle, what it declines, and what a dying daemon
+or worker looks like to the caller.
+"""
+
+from __future__ import annotations
+
+import os
+import pty
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from bundles import LABKIT, labkit, leftovers, served_by_labkitd
+from conftest import REPO
+
+from labkit.engine import daemon
+
+
+@pytest.fixture
+def labkitd():
+    pid = daemon.start()
+    yield pid
+    if daemon.running_pid():
+        daemon.stop()
+    for path in (daemon.socket_path(), daemon.pid_path()):  # after a SIGKILL
+        path.unlink(missing_ok=True)
+    for line in labkit("ps", "-a", "-q").stdout.split():
+        labkit("rm", "-f", line)
+    assert leftovers() == []
+
+
+def test_start_status_stop(labkitd):
+    assert daemon.start() == labkitd  # a second start finds it running
+    mode = os.stat(daemon.socket_path()).st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600  # root's only
+    r = labkit("daemon", "status")
+    assert r.returncode == 0 and f"pid {labkitd}" in r.stdout
+    assert psutil.Process(labkitd).name() == "labkitd"
+    r = labkit("daemon", "stop")
+    assert r.returncode == 0 and f"pid {labkitd}" in r.stdout
+    assert not psutil.pid_exists(labkitd) or psutil.Process(labkitd).status() == psutil.STATUS_ZOMBIE
+    assert not daemon.socket_path().exists()
+    r = labkit("daemon", "status")
+    assert r.returncode == 3 and "not running" in r.stdout
+
+
+def test_same_output_and_exit_code_as_in_process(labkitd):
+    commands = [
+        ("run", "--rm", "busybox", "sh", "-c", "echo out; echo err >&2; exit 3"),
+        ("run", "--rm", "-m", "64XB", "busybox", "true"),
+        ("run", "--rm", "no-such-image", "true"),
+        ("run", "--rm", "busybox", "no-such-command"),
+        ("run", "--bogus-flag", "busybox"),
+        ("ps", "-a"),
+    ]
+    for args in commands:
+        before = served_by_labkitd()
+        served = labkit(*args)
+        assert served_by_labkitd() == before + 1, args
+        local = labkit(*args, env={**os.environ, "LABKIT_NO_DAEMON": "1"})
+        assert served_by_labkitd() == before + 1, args  # that one ran in-process
+        assert served.returncode == local.returncode, args
+        assert (served.stdout, served.stderr) == (local.stdout, local.stderr)
+    r = labkit("run", "--rm", "-i", "-w", "/tmp", "-e", "A=b c", "busybox", "sh", "-c", 'pwd; echo "$A"; cat',
+               input="from stdin\n")  # fmt: skip
+    assert r.stdout == "/tmp\nb c\nfrom stdin\n"
+
+
+def test_the_working_directory_is_the_callers(labkitd, tmp_dir):
+    from bundles import bundle
+
+    bundle(tmp_dir / "b", ["echo", "from the bundle here"])
+    r = labkit("runtime", "run", "--bundle", ".", "cwd1", cwd=tmp_dir / "b")
+    assert (r.returncode, r.stdout) == (0, "from the bundle here\n"), r.stderr
+
+
+def test_detached_shims_are_labkitds_children(labkitd):
+    r = labkit("run", "-d", "--name", "sub", "busybox", "sleep", "30")
+    assert r.returncode == 0, r.stderr
+    shims = []
+    for child in psutil.Process(labkitd).children():
+        try:
+            if child.name() == "labkit-shim":
+                shims.append(child)
+        except psutil.NoSuchProcess:  # a worker that has just ended
+            pass
+    assert len(shims) == 1  # labkitd is a subreaper, like containerd
+    daemon.stop()
+    assert "Up" in labkit("ps").stdout  # containers outlive the daemon
+
+
+def test_at_a_terminal_only_interactive_commands_run_in_process(labkitd):
+    master, slave = pty.openpty()
+    try:
+        for args, served in ((["ps"], 1), (["run", "--rm", "busybox", "true"], 1),
+                             (["run", "--rm", "-it", "busybox", "true"], 0),
+                             (["run", "--rm", "-i", "busybox", "true"], 0)):  # fmt: skip
+            before = served_by_labkitd()
+            r = subprocess.run([*LABKIT, *args], stdin=slave, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, r.stderr
+            assert served_by_labkitd() == before + served, args
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_a_caller_in_another_namespace_runs_in_process(labkitd):
+    before = served_by_labkitd()
+    r = subprocess.run(["unshare", "--net", *LABKIT, "run", "--rm", "--network", "host", "busybox",
+                        "ls", "/sys/class/net"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert (r.returncode, r.stdout) == (0, "lo\n"), r.stderr  # the caller's network, not labkitd's
+    assert served_by_labkitd() == before
+
+
+def test_changed_code_makes_labkitd_step_aside(labkitd):
+    source = REPO / "labkit" / "errors.py"
+    st = os.stat(source)
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    time.sleep(2 * daemon.STALE_CHECK_INTERVAL)  # labkitd looks once in that time
+    try:
+        r = labkit("ps")
+        assert r.returncode == 0 and r.stdout.startswith("CONTAINER ID")  # served in-process
+        deadline = time.monotonic() + 10
+        while daemon.running_pid() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert daemon.running_pid() is None  # it exited, for a fresh one to load the new code
+    finally:
+        os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_dead_daemon_leaves_the_command_working(labkitd):
+    os.kill(labkitd, signal.SIGKILL)
+    while daemon.running_pid():
+        time.sleep(0.01)
+    assert daemon.socket_path().exists()  # stale: nobody listens
+    r = labkit("run", "--rm", "busybox", "echo", "still works")
+    assert (r.returncode, r.stdout) == (0, "still works\n"), r.stderr
+
+
+def test_a_killed_worker_is_one_line_and_exit_125(labkitd, tmp_dir):
+    # stderr to a file: the container, still running, holds the same stderr open
+    err_file = open(tmp_dir / "stderr", "w+")
+    p = subprocess.Popen([*LABKIT, "run", "--rm", "--name", "w", "busybox", "sleep", "30"],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err_file)  # fmt: skip
+    deadline = time.monotonic() + 10
+    while "Up" not in labkit("ps").stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    log = daemon.log_path().read_text().splitlines()
+    ours = "labkit run --rm --name w busybox sleep 30"
+    worker = next(int(line.split()[2]) for line in log if line.endswith(ours))
+    assert psutil.Process(worker).name() == "labkit"
+    os.kill(worker, signal.SIGKILL)
+    assert p.wait(timeout=10) == 125
+    err_file.close()
+    err = (tmp_dir / "stderr").read_text()
+    assert err.count("\n") == 1 and "labkitd went away" in err
+    assert labkit("rm", "-f", "w").returncode == 0
+
+
+def test_cleanup_stops_labkitd(labkitd):
+    from labkit.lab.cleanup import cleanup
+
+    assert f"stopped labkitd (pid {labkitd})" in cleanup()
+    assert daemon.running_pid() is None
+
+
+def test_the_client_imports_nothing_but_builtins():
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); import labkit.cli.client"
+    err = subprocess.run([sys.executable, "-S", "-X", "importtime", "-c", code], capture_output=True, text=True,
+                         check=True).stderr  # fmt: skip
+    before = subprocess.run([sys.executable, "-S", "-X", "importtime", "-c", "pass"], capture_output=True,
+                            text=True, check=True).stderr  # fmt: skip
+    names = {line.split("|")[-1].strip() for line in err.splitlines()[1:]}
+    names -= {line.split("|")[-1].strip() for line in before.splitlines()[1:]}
+    assert names == {"labkit", "labkit.cli", "labkit.cli.client", "_socket"}
+
+
+def test_the_installed_command_both_ways(labkitd):
+    """/usr/local/bin/labkit starts Python with -S; in-process it must load site-packages."""
+    command = "/usr/local/bin/labkit"
+    if not os.path.exists(command):
+        pytest.skip("no /usr/local/bin/labkit: run vagrant/provision.sh")
+    assert open(command).readline().rstrip().endswith("python -S")
+    before = served_by_labkitd()
+    r = subprocess.run([command, "run", "--rm", "busybox", "echo", "via labkitd"], stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert (r.returncode, r.stdout, served_by_labkitd()) == (0, "via labkitd\n", before + 1), r.stderr
+    r = subprocess.run([command, "cleanup"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "LABKIT_NO_DAEMON": "1"})  # fmt: skip
+    assert r.returncode == 0 and "stopped labkitd" in r.stdout, r.stderr  # psutil, from site-packages
+
+
+def test_start_keeps_no_fd_of_the_caller(labkitd):
+    daemon.stop()
+    r, w = os.pipe()
+    try:
+        p = subprocess.run([*LABKIT, "daemon", "start"], pass_fds=(w,), capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0 and "started" in p.stdout, p.stderr
+        os.close(w)
+        w = -1
+        os.set_blocking(r, False)
+        assert os.read(r, 1) == b""  # end of file: nobody, labkitd included, holds the write end
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
