@@ -12,6 +12,15 @@ import pytest
 from bundles import LABKIT, labkit, leftovers, served_by_labkitd
 
 
+def v1_or_v2(v1, v2):
+    from labkit.kernel.cgroups import detect
+
+    return v1 if detect.version() == 1 else v2
+
+
+PIDS = v1_or_v2("/sys/fs/cgroup/pids/", "/sys/fs/cgroup/")
+
+
 @pytest.fixture(scope="module", params=["in-process", "labkitd"])
 def mode(request):
     """Every test runs twice: each command in the labkit process, then each one handed to
@@ -58,10 +67,14 @@ def inside(*args: str) -> str:
     (["--cap-drop", "NET_RAW"], "grep CapBnd /proc/self/status", "CapBnd:\t00000000a80405fb"),
     (["--cap-add", "SYS_ADMIN"], "grep CapBnd /proc/self/status", "CapBnd:\t00000000a82425fb"),
     (["--network", "none"], "ls /sys/class/net", "lo"),
-    (["-m", "48m"], "cat /sys/fs/cgroup/memory/memory.limit_in_bytes", str(48 << 20)),
-    (["--cpus", "0.5"], "cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us", "50000"),
-    (["--cpu-shares", "512"], "cat /sys/fs/cgroup/cpu/cpu.shares", "512"),
-    (["--pids-limit", "7"], "cat /sys/fs/cgroup/pids/pids.max", "7"),
+    # what the container sees in its /sys/fs/cgroup: v1's files here, v2's in the course VM
+    (["-m", "48m"], *v1_or_v2(("cat /sys/fs/cgroup/memory/memory.limit_in_bytes", str(48 << 20)),
+                              ("cat /sys/fs/cgroup/memory.max", str(48 << 20)))),
+    (["--cpus", "0.5"], *v1_or_v2(("cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us", "50000"),
+                                  ("cat /sys/fs/cgroup/cpu.max", "50000 100000"))),
+    (["--cpu-shares", "512"], *v1_or_v2(("cat /sys/fs/cgroup/cpu/cpu.shares", "512"),
+                                        ("cat /sys/fs/cgroup/cpu.weight", "59"))),
+    (["--pids-limit", "7"], f"cat {PIDS}pids.max", "7"),
 ])  # fmt: skip
 def test_run_flag_is_seen_inside(flags, cmd, expect):
     assert inside(*flags, cmd) == expect
@@ -142,7 +155,7 @@ def test_oom_kill_shows_137_in_ps():
 def test_fork_loop_stops_at_pids_limit():
     r = labkit("run", "--rm", "--pids-limit", "10", "busybox", "sh", "-c",
                "(for i in $(seq 30); do sleep 5 & done) 2>/dev/null; "
-               "cat /sys/fs/cgroup/pids/pids.current /sys/fs/cgroup/pids/pids.max", timeout=30)  # fmt: skip
+               f"cat {PIDS}pids.current {PIDS}pids.max", timeout=30)  # fmt: skip
     assert r.returncode == 0, r.stderr
     current, limit = r.stdout.split()
     assert limit == "10" and 8 <= int(current) <= 10  # the loop got as far as the limit, no further

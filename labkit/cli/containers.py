@@ -262,7 +262,8 @@ def _run_foreground(container_id: str, spec, args, common) -> int:
             os.close(slave)
         else:
             stdio = container.Stdio(0 if args.interactive else null, 1, 2)
-            state = container.create(container_id, spec, stdio=stdio, detach=False, **common)
+            # no shim: this process lives as long as the container (see container.py)
+            state = container.create(container_id, spec, stdio=stdio, detach=False, monitor_here=True, **common)
         # Ctrl-C and `kill` reach labkit: pass them on, as docker's --sig-proxy does
         def forward(sig, _frame):
             try:

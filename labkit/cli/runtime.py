@@ -104,7 +104,9 @@ def _foreground(container_id: str, spec, bundle: str) -> int:
                          detach=False, console=path, pty_master=master)  # fmt: skip
         os.close(slave)
     else:
-        container.create(container_id, spec, bundle=bundle, stdio=container.Stdio(0, 1, 2), detach=False)
+        # no shim: like runc run, this process is the container's monitor (see container.py)
+        container.create(container_id, spec, bundle=bundle, stdio=container.Stdio(0, 1, 2), detach=False,
+                         monitor_here=True)  # fmt: skip
     try:
         container.start(container_id)
         if master is not None:

@@ -24,7 +24,6 @@ import signal
 import struct
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -150,32 +149,6 @@ def _read_exact(fd: int, n: int) -> bytes:
     return buf
 
 
-_pid_for_children = threading.Lock()
-
-
-def _fork_as_pid1() -> int:
-    """fork() a child that is PID 1 of a new PID namespace, with no process in between.
-
-    unshare(CLONE_NEWPID) does not move the caller: it only changes the namespace the
-    caller's next children are born in (/proc/self/ns/pid_for_children). So change it for
-    the moment of one fork, then set it back with setns() to our own PID namespace. The
-    lock keeps another thread of ours from forking in between.
-    """
-    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        with _pid_for_children:  # released in the parent and in the child alike
-            syscalls.unshare(CloneFlags.CLONE_NEWPID)
-            child = -1
-            try:
-                child = syscalls.fork()
-            finally:
-                if child != 0:  # the parent (or a failed fork) goes back to normal
-                    syscalls.setns(own, CloneFlags.CLONE_NEWPID)
-            return child
-    finally:
-        os.close(own)
-
-
 # --- Process: a handle on a child started in new namespaces ------------------------------
 
 
@@ -183,7 +156,7 @@ class Process:
     """A process labkit started. ``pid`` is its pid as seen from the host.
 
     A process never changes its own PID namespace, so with a new one labkit's child is
-    born PID 1 there (see ``_fork_as_pid1``). With a user or time namespace as well, the
+    born PID 1 there (see ``syscalls.fork_as_pid1``). With a user or time namespace as well, the
     child makes those first and forks the process that becomes PID 1: then there are two
     processes, ``wait()`` reaps the first, which waits for the second and passes its
     exit status on.
@@ -358,7 +331,7 @@ def spawn(
         flags |= k.flag
     rd, wr = os.pipe2(os.O_CLOEXEC)
     go_rd, go_wr = os.pipe2(os.O_CLOEXEC) if Kind.USER in new_kinds else (-1, -1)
-    child = _fork_as_pid1() if pid_here else syscalls.fork()
+    child = syscalls.fork_as_pid1() if pid_here else syscalls.fork()
     if child == 0:  # ---- in the child: never return, never raise
         os.close(rd)
         if go_wr >= 0:  # only the parent may hold it: its closing is our "give up"

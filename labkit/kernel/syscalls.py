@@ -13,6 +13,7 @@ Layer: kernel. Used by namespaces, overlay, the runtime's init. Man pages: the o
 
 from __future__ import annotations
 
+import _thread
 import ctypes
 import enum
 import os
@@ -124,6 +125,32 @@ def fork() -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return os.fork()
+
+
+_pid_for_children = _thread.allocate_lock()  # _thread, not threading: this module stays cheap
+
+
+def fork_as_pid1() -> int:
+    """fork() a child that is PID 1 of a new PID namespace, with no process in between.
+
+    unshare(CLONE_NEWPID) does not move the caller: it only changes the namespace the
+    caller's next children are born in (/proc/self/ns/pid_for_children). So change it for
+    the moment of one fork, then set it back with setns() to our own PID namespace. The
+    lock keeps another thread of ours from forking in between.
+    """
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with _pid_for_children:  # released in the parent and in the child alike
+            unshare(CloneFlags.CLONE_NEWPID)
+            child = -1
+            try:
+                child = fork()
+            finally:
+                if child != 0:  # the parent (or a failed fork) goes back to normal
+                    setns(own, CloneFlags.CLONE_NEWPID)
+            return child
+    finally:
+        os.close(own)
 
 
 def unshare(flags: int) -> None:

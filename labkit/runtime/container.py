@@ -22,6 +22,13 @@ or a notebook kernel may run for hours, without zombies, and ``labkit ps`` still
 the exit code from state.json. A container in the foreground skips the double fork: the
 caller waits for the shim itself.
 
+``labkit run`` in the foreground (without -t) and ``labkit runtime run`` go one step
+further, as ``runc run`` does: the labkit process lives exactly as long as the container,
+so it is the monitor itself (``monitor_here=True``): init is its child, and one fork of
+a Python process (~1 ms) and the shim's exit are saved. init gets PR_SET_PDEATHSIG, so
+it does not outlive a monitor that is killed. A notebook never does this: its kernel
+lives on after the container, and a detached container always has a shim.
+
 If labkit (or the shim) is SIGKILLed, what is left is: processes in labkit's cgroups,
 directories under the state roots, and no mounts on the host (the rootfs overlay lives
 only in the container's mount namespace). ``labkit cleanup`` removes all of those.
@@ -89,13 +96,18 @@ def create(
     console: str | None = None,
     pty_master: int | None = None,
     auto_remove: bool = False,
+    monitor_here: bool = False,
 ) -> State:
     """Make the container and leave its init blocked before exec (status ``created``).
 
     ``stdio`` defaults to /dev/null in and the container's log file out (``logs()``).
     With ``detach=False`` the shim stays the caller's child; ``wait_shim()`` reaps it.
+    With ``monitor_here=True`` (foreground, no terminal) there is no shim: this process
+    is init's parent, and ``wait_shim()`` waits for init and records its exit.
     Every check runs before anything is created; on failure everything made is removed.
     """
+    if monitor_here and (detach or pty_master is not None):
+        raise InvalidValue("monitor_here", True, "only for a foreground container without a terminal")
     from labkit.kernel import cgroups
 
     _valid_id(container_id)
@@ -127,33 +139,40 @@ def create(
             null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             stdio = Stdio(null, log, log)
             try:
-                return _fork_container(state, spec, root, made_cgroup, stdio, detach, console, pty_master)
+                return _fork_container(state, spec, root, made_cgroup, stdio, detach, console, pty_master,
+                                       monitor_here)  # fmt: skip
             finally:
                 os.close(log)
                 os.close(null)
-        return _fork_container(state, spec, root, made_cgroup, stdio, detach, console, pty_master)
+        return _fork_container(state, spec, root, made_cgroup, stdio, detach, console, pty_master, monitor_here)
     except BaseException:
         _remove_dirs(container_id, made_cgroup)
         raise
 
 
-def _fork_container(state, spec, root, cg, stdio, detach, console, pty_master) -> State:
+def _fork_container(state, spec, root, cg, stdio, detach, console, pty_master, monitor_here) -> State:
     sync_r, sync_w = os.pipe()
     go_r, go_w = os.pipe()
-    first = syscalls.fork()
-    if first == 0:  # the shim (or, when detached, the child that forks it and leaves)
-        try:
-            os.close(sync_r)
-            if detach:
-                os.setsid()  # no controlling terminal: closing the caller's does not kill it
-                if syscalls.fork() != 0:
-                    os._exit(0)
-            _shim(state, spec, root, cg, stdio, (sync_w, go_r, go_w), console, pty_master, detach)
-        finally:
-            os._exit(1)
-    os.close(sync_w)
-    os.close(go_r)
-    os.close(go_w)
+    if monitor_here:  # we are the shim: init is our own child
+        first = _fork_init(state, spec, root, cg, stdio, (sync_w, go_r, go_w), console, None, inline=True)
+        _MONITORED[state.id] = (first, cg, start_time(first))
+        _send(sync_w, f"pid {first} {os.getpid()}")
+        _move_into_cgroup(first, cg, sync_w, go_w)
+    else:
+        first = syscalls.fork()
+        if first == 0:  # the shim (or, when detached, the child that forks it and leaves)
+            try:
+                os.close(sync_r)
+                if detach:
+                    os.setsid()  # no controlling terminal: closing the caller's does not kill it
+                    if syscalls.fork() != 0:
+                        os._exit(0)
+                _shim(state, spec, root, cg, stdio, (sync_w, go_r, go_w), console, pty_master, detach)
+            finally:
+                os._exit(1)
+        os.close(sync_w)
+        os.close(go_r)
+        os.close(go_w)
     # config.json is for later (`labkit exec`, `inspect`); nothing in the container reads
     # it, so it is written while the shim and init start: ~0.4 ms off the way to "created".
     unsaved = None
@@ -182,7 +201,9 @@ def _fork_container(state, spec, root, cg, stdio, detach, console, pty_master) -
     # killed now; the shim cleans up
     if pid:
         _kill_quietly(pid, signal.SIGKILL)
-    if not detach:
+    if monitor_here:
+        _monitor(state.id)
+    elif not detach:
         os.waitpid(first, 0)
     else:  # let the orphaned shim finish writing before create's caller removes the dirs
         deadline = time.monotonic() + 5.0
@@ -201,49 +222,17 @@ def _shim(state: State, spec: Spec, root: str, cg, stdio: Stdio, pipes: tuple[in
     """The monitor: fork init into a new PID namespace, wait for it, record the exit."""
 
     sync_w, go_r, go_w = pipes
-    # Who moves init into the cgroup. On v1 init moves itself (V1Cgroup.join, ~0.1 ms);
-    # on v2 a move takes ~10 ms, so the shim does it while init sets up (below).
-    self_join = cg.version == 1
     with open("/proc/self/comm", "w") as comm:  # what prctl(PR_SET_NAME) sets: `ps` shows it
         comm.write("labkit-shim")
-    if "pid" in spec.namespaces:
-        syscalls.unshare(syscalls.CloneFlags.CLONE_NEWPID)  # applies to the next child only
-    pid = syscalls.fork()
-    if pid == 0:  # init: PID 1 in the new namespace
-        os.close(go_w)
-        if pty_master is not None:
-            os.close(pty_master)
-        _set_stdio(stdio, console is not None)
-        # Imported here, not at the top: init loads its modules while the shim waits
-        # for the kernel to move it into its cgroup (below), so the import is free.
-        from labkit.runtime import init
-
-        dirs = {"": str(cg.path)} if cg.version == 2 else {c: str(p) for c, p in cg.paths.items()}
-        fifo = str(container_dir(state.id) / "exec.fifo")
-        if self_join:
-            os.close(go_r)
-        init.main(init.Context(spec, root, fifo, sync_w, -1 if self_join else go_r, dirs, console,
-                               join_cgroup=cg.join if self_join else None))  # fmt: skip
-    os.close(go_r)
+    pid = _fork_init(state, spec, root, cg, stdio, pipes, console, pty_master, inline=False)
     # A foreground shim shares the terminal's process group with `labkit run`, so Ctrl-C
     # or a closed terminal signals it too; the default action would end the monitor and
     # lose the exit code. The caller forwards those signals to init; the shim stays.
     for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
-    started = start_time(pid)
+    _MONITORED[state.id] = (pid, cg, start_time(pid))
     _send(sync_w, f"pid {pid} {os.getpid()}")
-    try:
-        # On cgroup v1 the first move into a cgroup waits for an RCU grace period
-        # (~10 ms here): init sets up its namespaces and mounts in the meantime and
-        # waits for the "go" byte only before it reports "created".
-        if not self_join:
-            cg.add(pid)
-            os.write(go_w, b"g")
-    except LabkitError as err:
-        _send(sync_w, f"error 1 {err.one_line()}")
-        os.kill(pid, signal.SIGKILL)
-    os.close(go_w)
-    os.close(sync_w)
+    _move_into_cgroup(pid, cg, sync_w, go_w)
     for fd in (stdio.stdin, stdio.stdout, stdio.stderr):
         if fd > 2 and (pty_master is None or fd != pty_master):
             _close_quietly(fd)
@@ -255,7 +244,67 @@ def _shim(state: State, spec: Spec, root: str, cg, stdio: Stdio, pipes: tuple[in
         _pump_to_log(pty_master, state.id)
     elif pty_master is not None:
         os.close(pty_master)  # in the foreground the caller relays the terminal
-    status = _wait_child(pid)
+    code = _monitor(state.id)
+    if detach and state.auto_remove:
+        try:
+            delete(state.id)
+        except LabkitError:
+            pass
+    os._exit(code)
+
+
+# init's pid, cgroup and start time, for each container this process is the monitor of
+_MONITORED: dict[str, tuple] = {}
+
+
+def _fork_init(state: State, spec: Spec, root: str, cg, stdio: Stdio, pipes: tuple[int, int, int],
+               console: str | None, pty_master: int | None, inline: bool) -> int:  # fmt: skip
+    """Fork init, in a new PID namespace if the spec asks; in the parent, its pid."""
+    sync_w, go_r, go_w = pipes
+    # Who moves init into the cgroup. On v1 init moves itself (V1Cgroup.join, ~0.1 ms);
+    # on v2 a move takes ~10 ms, so the parent does it while init sets up.
+    self_join = cg.version == 1
+    pid = syscalls.fork_as_pid1() if "pid" in spec.namespaces else syscalls.fork()
+    if pid == 0:  # init: PID 1 in the new namespace
+        os.close(go_w)
+        if inline:  # its monitor is the labkit process: do not outlive it
+            syscalls.prctl(syscalls.Prctl.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if pty_master is not None:
+            os.close(pty_master)
+        _set_stdio(stdio, console is not None)
+        from labkit.runtime import init
+
+        dirs = {"": str(cg.path)} if cg.version == 2 else {c: str(p) for c, p in cg.paths.items()}
+        fifo = str(container_dir(state.id) / "exec.fifo")
+        if self_join:
+            os.close(go_r)
+        init.main(init.Context(spec, root, fifo, sync_w, -1 if self_join else go_r, dirs, console,
+                               join_cgroup=cg.join if self_join else None))  # fmt: skip
+    os.close(go_r)
+    return pid
+
+
+def _move_into_cgroup(pid: int, cg, sync_w: int, go_w: int) -> None:
+    """(v2) Move init into its cgroup and tell it so; v1's init has moved itself."""
+    try:
+        # The first move into a v2 cgroup waits for an RCU grace period (~10 ms):
+        # init sets up its namespaces and mounts in the meantime and waits for the
+        # "go" byte only before it reports "created".
+        if cg.version != 1:
+            cg.add(pid)
+            os.write(go_w, b"g")
+    except LabkitError as err:
+        _send(sync_w, f"error 1 {err.one_line()}")
+        os.kill(pid, signal.SIGKILL)
+    os.close(go_w)
+    os.close(sync_w)
+
+
+def _monitor(container_id: str) -> int:
+    """Wait for init (our child), then record its exit: code, OOM kill, cgroup gone."""
+    pid, cg, started = _MONITORED[container_id]
+    status = _wait_child(pid)  # (if Ctrl-C interrupts this, delete(force=True) comes back here)
+    del _MONITORED[container_id]
     code = os.waitstatus_to_exitcode(status)
     code = 128 - code if code < 0 else code  # killed by signal N: 128 + N, as a shell says
     oom = False
@@ -266,14 +315,9 @@ def _shim(state: State, spec: Spec, root: str, cg, stdio: Stdio, pipes: tuple[in
         cg.close(keep_parents=True)
     except LabkitError:
         pass
-    _update(state.id, lambda s: s.replace(status=Status.STOPPED, exit_code=code, finished=time.time(),
-                                          oom_killed=oom, pid_start=started))  # fmt: skip
-    if detach and state.auto_remove:
-        try:
-            delete(state.id)
-        except LabkitError:
-            pass
-    os._exit(code)
+    _update(container_id, lambda s: s.replace(status=Status.STOPPED, exit_code=code, finished=time.time(),
+                                              oom_killed=oom, pid_start=started))  # fmt: skip
+    return code
 
 
 def start(container_id: str) -> State:
@@ -306,6 +350,8 @@ def run(container_id: str, spec: Spec, **create_args) -> int:
 
 def wait_shim(container_id: str, timeout: float | None = None) -> int:
     """For a container created with detach=False: reap its shim, return the exit code."""
+    if container_id in _MONITORED:  # monitor_here: no shim, we wait for init ourselves
+        return _monitor(container_id)
     shim = _recorded(container_id).shim_pid
     status = _wait_child(shim, timeout)
     code = os.waitstatus_to_exitcode(status)
@@ -395,6 +441,12 @@ def delete(container_id: str, force: bool = False) -> None:
 
 def _delete(state: State, force: bool) -> None:
     container_id = state.id
+    if force and container_id in _MONITORED:  # we are its monitor (interrupted): reap it here
+        if state.status == Status.PAUSED:
+            resume(container_id)
+        _kill_quietly(state.pid, signal.SIGKILL)
+        _monitor(container_id)
+        state = load(container_id)
     if force and state.status != Status.STOPPED:
         if state.status == Status.PAUSED:
             resume(container_id)
