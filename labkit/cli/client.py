@@ -60,7 +60,8 @@ def decode_request(body: bytes) -> tuple[list[bytes], bytes, dict[bytes, bytes]]
 
 def via_daemon(argv: list[str]) -> int | None:
     """Run the command in labkitd; its exit code, or None to run it in this process."""
-    environ = posix.environ  # bytes to bytes, as the kernel gave them
+    # bytes to bytes; os.environb if os is loaded (it has the changes made since start)
+    environ = sys.modules["os"].environb if "os" in sys.modules else posix.environ
     if not argv or argv[0] not in SERVED or environ.get(b"LABKIT_NO_DAEMON"):
         return None
     if _is_tty(0) and (argv[0] == "runtime" or any(map(_interactive, argv[1:]))):
