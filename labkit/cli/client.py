@@ -76,7 +76,10 @@ def via_daemon(argv: list[str]) -> int | None:
             sent = conn.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
         except OSError:  # no daemon (no socket, or nobody listening), a closed fd 0-2, no cwd
             return None
-        conn.sendall(request[sent:])
+        try:
+            conn.sendall(request[sent:])  # the rest of a large environment
+        except OSError:  # labkitd declined, or went away: _answer tells which
+            pass
         return _answer(conn)
     finally:
         conn.close()
