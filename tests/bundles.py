@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
@@ -85,3 +86,11 @@ def served_by_labkitd() -> int:
         return daemon.log_path().read_text().count("labkitd: worker ")
     except FileNotFoundError:
         return 0
+
+
+def until(cond, timeout: float = 10.0, step: float = 0.01) -> None:
+    """Poll ``cond()`` until it is true; fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(step)

@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
 
 import pytest
-from bundles import LABKIT, labkit, leftovers, served_by_labkitd
+from bundles import LABKIT, labkit, leftovers, served_by_labkitd, until
 
 
 def v1_or_v2(v1, v2):
@@ -120,7 +119,7 @@ def test_detached_lifecycle_with_ps_logs_exec_pause_stop_rm():
     cid = r.stdout.strip()
     ps = labkit("ps").stdout
     assert cid[:12] in ps and "web" in ps and "Up" in ps
-    _until(lambda: labkit("logs", "web").stdout == "ready\n")
+    until(lambda: labkit("logs", "web").stdout == "ready\n")
     assert labkit("exec", "web", "cat", "/proc/1/cmdline").stdout.startswith("sh")
     assert labkit("pause", "web").returncode == 0
     assert "(Paused)" in labkit("ps").stdout
@@ -197,12 +196,12 @@ def test_sigkill_of_labkit_run_then_cleanup_leaves_nothing():
     from labkit.lab.cleanup import cleanup
 
     p = subprocess.Popen([*LABKIT, "run", "busybox", "sleep", "30"], stdout=subprocess.DEVNULL)
-    _until(lambda: "sleep" in labkit("ps").stdout)
+    until(lambda: "sleep" in labkit("ps").stdout)
     p.send_signal(signal.SIGKILL)
     p.wait()
     removed = cleanup()
     assert removed, "cleanup found nothing of the killed run"
-    _until(lambda: leftovers() == [])
+    until(lambda: leftovers() == [])
     assert labkit("ps", "-a").stdout.strip().count("\n") == 0  # just the header
     assert cleanup() == []  # safe to run twice
 
@@ -233,13 +232,6 @@ def test_runtime_run_interrupted_leaves_no_container(tmp_dir):
     assert leftovers() == []
 
 
-def _until(cond, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_rm_force_of_an_rm_container_races_with_its_own_removal():
     # the shim removes a --rm container once it exits; `rm -f` removes it too, at the same time
     for _ in range(8):
@@ -247,4 +239,4 @@ def test_rm_force_of_an_rm_container_races_with_its_own_removal():
         r = labkit("rm", "-f", cid)
         assert (r.returncode, r.stderr) == (0, ""), r.stderr
         assert r.stdout.strip() == cid
-    _until(lambda: leftovers() == [])
+    until(lambda: leftovers() == [])

@@ -17,7 +17,7 @@ import time
 
 import psutil
 import pytest
-from bundles import LABKIT, labkit, leftovers, served_by_labkitd
+from bundles import LABKIT, labkit, leftovers, served_by_labkitd, until
 from conftest import REPO
 
 from labkit.engine import daemon
@@ -40,6 +40,10 @@ def test_start_status_stop(labkitd):
     assert daemon.start() == labkitd  # a second start finds it running
     mode = os.stat(daemon.socket_path()).st_mode
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600  # root's only
+    from labkit.cli import client  # spells the path rule without pathlib: the same path
+
+    assert client.socket_path(os.environb) == bytes(daemon.socket_path())
+    assert client.socket_path({}) == b"/run/labkit/labkitd.sock"
     r = labkit("daemon", "status")
     assert r.returncode == 0 and f"pid {labkitd}" in r.stdout
     assert psutil.Process(labkitd).name() == "labkitd"
@@ -128,18 +132,14 @@ def test_changed_code_makes_labkitd_step_aside(labkitd):
     try:
         r = labkit("ps")
         assert r.returncode == 0 and r.stdout.startswith("CONTAINER ID")  # served in-process
-        deadline = time.monotonic() + 10
-        while daemon.running_pid() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert daemon.running_pid() is None  # it exited, for a fresh one to load the new code
+        until(lambda: daemon.running_pid() is None)  # it exited, for a fresh one to load the new code
     finally:
         os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def test_a_dead_daemon_leaves_the_command_working(labkitd):
     os.kill(labkitd, signal.SIGKILL)
-    while daemon.running_pid():
-        time.sleep(0.01)
+    until(lambda: daemon.running_pid() is None)
     assert daemon.socket_path().exists()  # stale: nobody listens
     r = labkit("run", "--rm", "busybox", "echo", "still works")
     assert (r.returncode, r.stdout) == (0, "still works\n"), r.stderr
@@ -150,10 +150,7 @@ def test_a_killed_worker_is_one_line_and_exit_125(labkitd, tmp_dir):
     err_file = open(tmp_dir / "stderr", "w+")
     p = subprocess.Popen([*LABKIT, "run", "--rm", "--name", "w", "busybox", "sleep", "30"],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err_file)  # fmt: skip
-    deadline = time.monotonic() + 10
-    while "Up" not in labkit("ps").stdout:
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    until(lambda: "Up" in labkit("ps").stdout)
     log = daemon.log_path().read_text().splitlines()
     ours = "labkit run --rm --name w busybox sleep 30"
     worker = next(int(line.split()[2]) for line in log if line.endswith(ours))

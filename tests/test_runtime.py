@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from bundles import bundle, busybox_rootfs, leftovers
+from bundles import bundle, busybox_rootfs, leftovers, until
 
 from labkit.errors import ExecFailed, InvalidValue, NotFound, StateError, Unsupported
 from labkit.kernel import namespaces as ns
@@ -148,14 +148,14 @@ def test_state_machine_and_illegal_transitions(tmp_dir, clean):
     with pytest.raises(StateError, match="cannot delete"):
         container.delete("rt2")
     counter = f"/proc/{st.pid}/root/tmp/n"
-    _wait_for(lambda: os.path.exists(counter))
+    until(lambda: os.path.exists(counter))
     container.pause("rt2")
     assert container.load("rt2").status == Status.PAUSED
     first = Path(counter).read_text()
     time.sleep(0.3)
     assert Path(counter).read_text() == first, "a paused container made progress"
     container.resume("rt2")
-    _wait_for(lambda: Path(counter).read_text() != first)
+    until(lambda: Path(counter).read_text() != first)
     container.kill("rt2", signal.SIGKILL)
     assert container.wait("rt2", 10) == 137
     with pytest.raises(StateError, match="cannot kill"):
@@ -292,13 +292,6 @@ def test_wrong_ids_and_missing_rootfs(tmp_dir, clean):
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def _wait_for(cond, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def _child_of(pid, timeout=5.0):

@@ -38,7 +38,7 @@ def main(argv: "list[str] | None" = None) -> int:
 
 def __getattr__(name: str):
     """``labkit.cli.build_parser`` and friends live in dispatch.py, loaded on first use."""
-    if name in ("build_parser", "COMMANDS", "_dispatch"):
+    if name in ("build_parser", "COMMANDS", "run_command"):
         from labkit.cli import dispatch
 
         return getattr(dispatch, name)

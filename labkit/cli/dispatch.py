@@ -98,7 +98,7 @@ def _build_parser(command: str) -> tuple[argparse.ArgumentParser, object]:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit code. Called without ``argv`` it is the ``labkit``
     process itself, and it ends the process (see _exit)."""
-    code = _dispatch(list(sys.argv[1:] if argv is None else argv))
+    code = run_command(list(sys.argv[1:] if argv is None else argv))
     if argv is None:
         _exit(code)
     return code
@@ -115,7 +115,8 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
-def _dispatch(argv: list[str]) -> int:
+def run_command(argv: list[str]) -> int:
+    """Parse ``argv`` and run the command; its exit code. Here, or in a labkitd worker."""
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0 if argv else 2

@@ -45,7 +45,7 @@ PROCESS_NAME = "labkitd"
 WORKER_NAME = "labkit"
 NAMESPACES = ("mnt", "net", "pid", "uts", "ipc", "user", "cgroup")
 STALE_CHECK_INTERVAL = 1.0  # seconds between looks at labkit's files (a shared folder is slow)
-# what the worker imports before its first request: everything the served commands use
+# what labkitd imports once, for all its workers: everything the served commands use
 PRELOAD = (
     "labkit.cli.dispatch", "labkit.cli.containers", "labkit.cli.runtime", "labkit.runtime.container",
     "labkit.runtime.init", "labkit.runtime.execute", "labkit.runtime.resources", "labkit.runtime.tty",
@@ -242,7 +242,7 @@ def _worker(conn: socket.socket, log: int) -> None:
         from labkit.cli import dispatch
 
         try:
-            code = dispatch._dispatch(argv)
+            code = dispatch.run_command(argv)
         except SystemExit as done:  # argparse: --help, or a usage error (already printed)
             code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
             if isinstance(done.code, str):

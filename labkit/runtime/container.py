@@ -6,10 +6,11 @@ Three processes make one running container, as with Docker's containerd-shim and
       `-- shim     a small monitor, in the host's namespaces; its child is born in a new PID one
             `-- init   PID 1 of the container: init.py, then the user's command
 
-``create`` forks the shim; the shim calls unshare(CLONE_NEWPID) (which applies to its
-next child only) and forks init, puts it into the container's cgroup, and tells it so.
-Init sets everything up (init.py) meanwhile, waits for that word, reports "created" on
-a pipe, and blocks opening ``exec.fifo`` for writing. ``start`` opens the fifo for
+``create`` forks the shim; the shim forks init as PID 1 of a new PID namespace
+(syscalls.fork_as_pid1). On cgroup v2 the shim then puts init into the container's
+cgroup and tells it so, while init sets everything up (init.py) and waits for that
+word; on v1 init moves itself, which is far cheaper (V1Cgroup.join). Init reports
+"created" on a pipe and blocks opening ``exec.fifo`` for writing. ``start`` opens the fifo for
 reading: init's open returns and it execs the command. Until then nothing of the user's
 code has run (runc does the same).
 
