@@ -346,13 +346,20 @@ def running_pid() -> int | None:
     """labkitd's pid for this state root, if it runs (checked in /proc, not only the file)."""
     try:
         pid = int(pid_path().read_text())
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
     except (OSError, ValueError):
         return None
+    return pid if _alive(pid) else None
+
+
+def _alive(pid: int) -> bool:
+    """pid is a labkitd that has not ended (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
     name = stat[stat.index("(") + 1 : stat.rindex(")")]
-    state = stat[stat.rindex(")") + 2]
-    return pid if name == PROCESS_NAME and state not in "ZX" else None
+    return name == PROCESS_NAME and stat[stat.rindex(")") + 2] not in "ZX"
 
 
 def start(timeout: float = 30.0) -> int:
@@ -404,7 +411,7 @@ def stop(timeout: float = 10.0) -> int:
         raise NotFound(f"labkitd is not running (no live pid in {pid_path()})")
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while running_pid() == pid:
+    while _alive(pid):  # the process, not its pid file: that goes a moment before the exit
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
             break
