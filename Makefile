@@ -3,16 +3,16 @@ VENV ?= /opt/labkit/venv
 PY := $(VENV)/bin/python
 export LABKIT_VENV := $(VENV)
 
-.PHONY: setup test lab notebooks notebooks-v2 bench
+.PHONY: setup test test-fresh lab notebooks notebooks-v2 bench
 
 setup:            ## system packages, the venv, labkit
 	bash vagrant/provision.sh
 
-NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=300 --nbval-sanitize-with tests/nbval_sanitize.cfg
-
 test:             ## set everything up (with the test tools), then run the whole test suite
-	bash vagrant/provision.sh --dev
-	LABKIT_QUICK=1 $(PY) -m pytest -p no:cacheprovider $(NBVAL) tests solutions
+	bash scripts/test.sh
+
+test-fresh:       ## the same, from nothing: in a bare Debian 12 root filesystem (debootstrap)
+	python3 scripts/test_fresh.py
 
 lab: setup        ## start JupyterLab on http://127.0.0.1:8888
 	bash vagrant/lab.sh

@@ -103,6 +103,22 @@ class AlreadyExists(LabkitError):
     """A name the user chose is taken (a container name, an image tag)."""
 
 
+class UsageError(LabkitError):
+    """A command line that does not parse: an unknown flag, a missing or malformed value.
+    ``command`` is the command it belongs to ('labkit run'); the CLI prints the message,
+    then ``See 'labkit run --help'.``, as the docker CLI does, and exits 2.
+
+    >>> UsageError("labkit stop", "requires at least 1 argument").one_line()
+    'requires at least 1 argument'
+    """
+
+    exit_code = 2
+
+    def __init__(self, command: str, message: str) -> None:
+        super().__init__(message)
+        self.command = command
+
+
 class Unsupported(LabkitError):
     """This kernel or machine lacks a feature (a cgroup controller, overlayfs, ...)."""
 

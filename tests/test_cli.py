@@ -161,8 +161,7 @@ def test_fork_loop_stops_at_pids_limit():
 
 
 @pytest.mark.parametrize("args, words", [
-    (["-m", "64XB"], "invalid memory limit '64XB'"),
-    (["--cpus", "-1"], "invalid cpus '-1'"),
+    (["--memory-swap", "1g"], "invalid memory_swap limit '1g'"),
     (["-v", "/no/such/host/dir:/x"], "'/no/such/host/dir' does not exist"),
     (["-v", "relative:/x"], "invalid volume"),
     (["--network", "bridge"], "invalid network 'bridge'"),
@@ -174,6 +173,42 @@ def test_bad_input_is_one_line_and_creates_nothing(args, words):
     assert r.returncode != 0 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("labkit: ") and words in r.stderr, r.stderr
     assert leftovers() == []
+
+
+@pytest.mark.parametrize("argv, first", [
+    (["run", "-m", "-5m", "busybox", "true"],
+     'invalid argument "-5m" for "-m, --memory" flag: expected a number with an optional unit'),
+    (["run", "--memory", "64XB", "busybox", "true"], 'invalid argument "64XB" for "-m, --memory" flag'),
+    (["run", "--cpus", "-1", "busybox", "true"], 'invalid argument "-1" for "--cpus" flag: expected a number of CPUs'),
+    (["run", "--pids-limit", "0", "busybox", "true"], 'invalid argument "0" for "--pids-limit" flag'),
+    (["run", "--cpu-shares", "lots", "busybox", "true"], 'invalid argument "lots" for "--cpu-shares" flag'),
+    (["run", "--bogus", "busybox", "true"], "unrecognized arguments: --bogus"),
+    (["run", "--name"], "argument --name: expected one argument"),
+    (["run"], "the following arguments are required: image"),
+    (["stop", "-t", "soon", "c1"], 'invalid argument "soon" for "-t, --time" flag: expected a number of seconds'),
+    (["rm"], "the following arguments are required: containers"),
+    (["runtime", "run"], "the following arguments are required: id"),
+    (["runtime", "frob"], "invalid choice: 'frob'"),
+    (["kill", "-s"], "argument -s/--signal: expected one argument"),
+])  # fmt: skip
+def test_a_bad_command_line_is_one_line_and_a_pointer_to_help(argv, first):
+    """As the docker CLI does: what is wrong, naming the flag and the value, then where the
+    usage is; not argparse's whole usage text."""
+    r = labkit(*argv)
+    command = " ".join(["labkit", *argv[:2]] if argv[0] == "runtime" and argv[1] == "run" else ["labkit", argv[0]])
+    lines = r.stderr.splitlines()
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert len(lines) == 2 and lines[0].startswith("labkit: ") and first in lines[0], r.stderr
+    assert lines[1] == f"See '{command} --help'."
+    assert leftovers() == []
+
+
+def test_a_value_that_starts_with_a_dash_is_the_flags_value():
+    """`--pids-limit -1` (unlimited) is a value, as docker reads it, and after the image
+    everything belongs to the container's command, dashes included."""
+    assert inside("--pids-limit", "-1", f"cat {PIDS}pids.max") == "max"
+    r = labkit("run", "--rm", "busybox", "echo", "-m", "-5m", "--bogus")
+    assert r.returncode == 0 and r.stdout == "-m -5m --bogus\n", r.stderr
 
 
 def test_missing_image_and_taken_name():

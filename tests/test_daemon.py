@@ -210,3 +210,17 @@ def test_start_keeps_no_fd_of_the_caller(labkitd):
         os.close(r)
         if w >= 0:
             os.close(w)
+
+
+def test_a_worker_that_ends_at_once_is_still_answered(labkitd):
+    """A usage error ends the worker within microseconds, sometimes before the client has
+    opened a pidfd on it: the client must still read the exit code the worker wrote, not
+    fail on the process being gone (seen in about 1 of 30 runs before it was fixed)."""
+    before = served_by_labkitd()
+    deadline = time.monotonic() + 30
+    runs = 0
+    while runs < 150 and time.monotonic() < deadline:
+        r = labkit("runtime", "run")
+        assert r.returncode == 2 and r.stderr.startswith("labkit: the following arguments"), r.stderr
+        runs += 1
+    assert runs >= 50 and served_by_labkitd() - before == runs

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, need_tool
 
 from labkit.kernel.syscalls import Prctl, prctl
 from labkit.lab import jupyter
@@ -323,8 +323,7 @@ def chromium_dom(url: str, profile: Path, budget_ms: int = 20000) -> str:
 
 def test_make_lab_end_to_end_in_chromium():
     """The README's lab command, vagrant/lab.sh, then a real browser with the token."""
-    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
-        pytest.skip("chromium is not installed (vagrant/provision.sh --dev installs it)")
+    need_tool("chromium")
     lab = Lab(lambda lab: ["bash", str(REPO / "vagrant" / "lab.sh")],
               env_extra={"LABKIT_LAB_IP": "127.0.0.1"})
     try:

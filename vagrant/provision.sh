@@ -59,13 +59,19 @@ esac
 if ! compgen -G "/boot/vmlinuz-*" >/dev/null; then
   if [ "$ID" = ubuntu ]; then pkgs+=(linux-image-generic); else pkgs+=("linux-image-$ARCH"); fi
 fi
+optional=()
 if [ "$DEV" = 1 ]; then
-  pkgs+=(shellcheck)
-  # a registry for the image lessons and a browser for the lab's end-to-end test:
-  # welcome where the distribution has them, not required
-  optional=(docker-registry vagrant chromium chromium-driver)
-else
-  optional=()
+  # What the test suite runs besides labkit: shellcheck; systemd-analyze (package systemd)
+  # verifies the service units; vagrant with the libvirt provider plugin validates the
+  # Vagrantfile (without a provider plugin `vagrant validate` finds "no usable default
+  # provider"); a registry for the image lessons; a browser for the lab's end-to-end test.
+  pkgs+=(shellcheck systemd)
+  tools=(vagrant vagrant-libvirt docker-registry chromium chromium-driver)
+  if [ "${ID}:${VERSION_ID:-}" = debian:12 ]; then
+    pkgs+=("${tools[@]}")  # CI's system: every test tool is required, so that no test skips
+  else
+    optional=("${tools[@]}")  # Ubuntu's chromium is a snap, and not every release has vagrant
+  fi
 fi
 
 missing=()
@@ -79,6 +85,15 @@ done
 if [ ${#missing[@]} -gt 0 ] || [ ${#opt_missing[@]} -gt 0 ]; then
   say "installing system packages: ${missing[*]} ${opt_missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # Packages such as docker-registry start a daemon from their postinst, listening on every
+  # interface. labkit starts what it needs itself, on 127.0.0.1, and stops it again: while
+  # apt installs, a policy-rc.d (see invoke-rc.d(8)) refuses every service start. One that
+  # is there already (container images ship one) is left as it is.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\n# written by labkit provision.sh while it installs packages\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
   apt-get update -q
   if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -q --no-install-recommends "${missing[@]}"

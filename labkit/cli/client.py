@@ -85,6 +85,9 @@ def via_daemon(argv: list[str]) -> int | None:
         conn.close()
 
 
+GONE = -1  # in place of a pidfd: the worker had ended before the client could open one
+
+
 def _answer(conn) -> int | None:
     """Read labkitd's lines: "pid N" first, then "exit N" (or "fallback WHY" instead)."""
     buffered, worker = b"", None
@@ -100,7 +103,10 @@ def _answer(conn) -> int | None:
             word, _, value = line.decode().partition(" ")
             if word == "pid":
                 _forward_signals(int(value))
-                worker = posix.pidfd_open(int(value))
+                try:
+                    worker = posix.pidfd_open(int(value))
+                except ProcessLookupError:  # it finished already: what it wrote is in the socket
+                    worker = GONE
             elif word == "exit":
                 return int(value)
             elif word == "fallback":
@@ -111,7 +117,9 @@ def _receive(conn, worker: int | None) -> bytes:
     """The next bytes from labkitd; b"" once the worker is gone without a word. The socket
     alone would not say so: the container's shim, forked by the worker, holds it too."""
     try:
-        if worker is not None:
+        if worker == GONE:
+            conn.setblocking(False)
+        elif worker is not None:
             import select
 
             poller = select.poll()

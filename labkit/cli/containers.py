@@ -29,16 +29,43 @@ _ADJECTIVES = ["brave", "calm", "eager", "fond", "gentle", "happy", "jolly", "ke
 _PEOPLE = ["curie", "hopper", "lovelace", "turing", "noether", "ritchie", "thompson", "torvalds", "hamilton", "babbage", "shannon", "dijkstra", "knuth", "liskov", "lamport", "tanenbaum", "stallman", "allen", "goldberg", "wozniak"]  # fmt: skip
 
 
+def _limit(name: str):
+    """A type= for a limit flag: the value is checked as the parser reads it, so that a
+    bad one is reported with its flag (``invalid argument "-5m" for "-m, --memory" flag``).
+    It stays text; ``Limits.parse`` reads it again with the others when the spec is made."""
+
+    def check(text: str) -> str:
+        from labkit.kernel.cgroups.limits import Limits
+
+        try:
+            Limits.parse(**{name: text})
+        except InvalidValue as err:
+            raise argparse.ArgumentTypeError(f"expected {err.accepted}") from None
+        return text
+
+    return check
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise argparse.ArgumentTypeError("expected a number of seconds, 0 or more, e.g. 10")
+    return seconds
+
+
 def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
     if command == "run":
         p.add_argument("--rm", action="store_true", help="remove the container when it exits")
         p.add_argument("-d", "--detach", action="store_true", help="run in the background, print the id")
         p.add_argument("--name", help="a name for the container")
-        p.add_argument("-m", "--memory", help="memory limit, e.g. 64m")
+        p.add_argument("-m", "--memory", type=_limit("memory"), help="memory limit, e.g. 64m")
         p.add_argument("--memory-swap", help="memory + swap limit, -1 for unlimited swap")
-        p.add_argument("--cpus", help="number of CPUs, e.g. 0.5")
-        p.add_argument("--cpu-shares", help="relative CPU weight (default 1024)")
-        p.add_argument("--pids-limit", help="most processes at once (-1: unlimited)")
+        p.add_argument("--cpus", type=_limit("cpus"), help="number of CPUs, e.g. 0.5")
+        p.add_argument("--cpu-shares", type=_limit("cpu_shares"), help="relative CPU weight (default 1024)")
+        p.add_argument("--pids-limit", type=_limit("pids"), help="most processes at once (-1: unlimited)")
         p.add_argument("--hostname", help="the container's hostname (default: its short id)")
         p.add_argument("-e", "--env", action="append", default=[], help="KEY=VALUE (or KEY: the host's value)")
         p.add_argument("-v", "--volume", action="append", default=[], help="HOST:CONTAINER[:ro] bind mount")
@@ -64,7 +91,7 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("container")
         p.add_argument("cmd", nargs=argparse.REMAINDER)
     elif command == "stop":
-        p.add_argument("-t", "--time", type=float, default=10.0, help="seconds before SIGKILL (default 10)")
+        p.add_argument("-t", "--time", type=_seconds, default=10.0, help="seconds before SIGKILL (default 10)")
         p.add_argument("containers", nargs="+")
     elif command == "kill":
         p.add_argument("-s", "--signal", default="KILL", help="signal name or number (default KILL)")

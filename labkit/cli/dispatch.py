@@ -20,7 +20,7 @@ import importlib
 import os
 import sys
 
-from labkit.errors import LabkitError
+from labkit.errors import LabkitError, UsageError
 
 # name -> (module, one-line help). Grouped as `labkit --help` shows them.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -69,11 +69,53 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser with _HelpFormatter; sub-command parsers are made of this class too."""
+    """An ArgumentParser that reports a bad command line in one line, as docker does,
+    instead of printing the whole usage: it raises UsageError, which run_command prints
+    with a pointer to --help.
+
+    Like docker it also takes a value that starts with '-' (``-m -5m``, ``--cpus -1``):
+    argparse alone would take ``-5m`` for an unknown option and say the flag has no
+    value, which hides the real mistake, the value itself."""
 
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        raise UsageError(self.prog, message)
+
+    def _get_value(self, action: argparse.Action, arg_string: str):
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError as err:  # the option's type= refused the value
+            flag = ", ".join(action.option_strings) or action.dest
+            raise UsageError(self.prog, f'invalid argument "{arg_string}" for "{flag}" flag: {err.message}') from None
+
+    def parse_known_args(self, args=None, namespace=None):
+        return super().parse_known_args(self._attach_dash_values(list(args or [])), namespace)
+
+    def _attach_dash_values(self, argv: list[str]) -> list[str]:
+        """``-m -5m`` -> ``-m-5m`` and ``--memory -5m`` -> ``--memory=-5m``, up to the first
+        positional argument (after it come the image and the container's own command)."""
+        out: list[str] = []
+        i = 0
+        while i < len(argv):
+            arg = argv[i]
+            action = self._option_string_actions.get(arg)
+            if action is None or arg == "--":
+                if not arg.startswith("-") or arg == "--":
+                    return out + argv[i:]  # the first positional: the rest is not ours
+                out.append(arg)
+            elif action.nargs is None and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+                out.append(f"{arg}={argv[i + 1]}" if arg.startswith("--") else arg + argv[i + 1])
+                i += 1
+            else:
+                out.append(arg)
+                if action.nargs is None and i + 1 < len(argv):  # its value, whatever it looks like
+                    out.append(argv[i + 1])
+                    i += 1
+            i += 1
+        return out
 
 
 _PARSERS: dict[str, tuple[argparse.ArgumentParser, object]] = {}
@@ -133,6 +175,9 @@ def run_command(argv: list[str]) -> int:
         parser, module = build_parser(command)
         args = parser.parse_args(argv[1:])
         return int(module.run(command, args) or 0)
+    except UsageError as err:
+        print(f"labkit: {err.one_line()}\nSee '{err.command} --help'.", file=sys.stderr)
+        return err.exit_code
     except LabkitError as err:
         print(f"labkit: {err.one_line()}", file=sys.stderr)
         return int(getattr(err, "exit_code", 1))

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from labkit import paths
-from labkit.errors import NotFound, StateError
+from labkit.errors import LabkitError, NotFound, StateError
 from labkit.kernel import syscalls
 
 PROCESS_NAME = "labkitd"
@@ -180,7 +180,7 @@ def _preload() -> None:
     for command in client.SERVED:
         parser, _ = dispatch.build_parser(command)
         parser.format_help()
-        with contextlib.redirect_stderr(io.StringIO()), contextlib.suppress(SystemExit):
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.suppress(SystemExit, LabkitError):
             parser.parse_args([])  # a usage error, mostly: loads gettext, compiles argparse's patterns
     with contextlib.suppress(Exception):
         cgroups.available_controllers()  # finds and caches the hierarchies (mountinfo)

@@ -222,8 +222,8 @@ def _parse_cpus(value: object) -> int:
     return round(cpus * CPU_PERIOD_US)
 
 
-def _parse_int(value: object, what: str, low: int, high: int) -> int:
-    form = f"a whole number from {low} to {high}"
+def _parse_int(value: object, what: str, low: int, high: int, form: str = "") -> int:
+    form = form or f"a whole number from {low} to {high}"
     if isinstance(value, bool):
         raise InvalidValue(what, value, form)
     try:
@@ -238,7 +238,8 @@ def _parse_int(value: object, what: str, low: int, high: int) -> int:
 def _parse_pids(value: object) -> int:
     if value in (UNLIMITED, "-1", "max"):
         return UNLIMITED
-    return _parse_int(value, "pids limit", 1, 4_194_304)  # 2^22: the kernel's PID_MAX_LIMIT
+    high = 4_194_304  # 2^22: the kernel's PID_MAX_LIMIT
+    return _parse_int(value, "pids limit", 1, high, f"a whole number from 1 to {high}, or -1 for unlimited")
 
 
 def online_cpus() -> set[int]:
