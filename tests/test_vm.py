@@ -251,7 +251,7 @@ def test_the_kvm_verdict_agrees_with_a_real_kvm_boot():
     from labkit.lab import doctor
 
     verdict = kvm.probe("kvm")
-    assert kvm.kvm_verdict(refresh=True) == verdict
+    assert kvm.kvm_verdict(refresh=True).works == verdict.works  # the reason holds a time: may differ
     assert doctor.check_kvm().status == ("pass" if verdict.works else "warn")
     if not verdict.works and not kvm.kvm_status()[0]:
         pytest.skip(f"no /dev/kvm to boot with: {verdict.reason}")
