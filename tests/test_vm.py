@@ -1,5 +1,8 @@
 """labkit's small VM: boots the host's kernel under qemu, runs commands, leaves no qemu behind.
 
+Whether KVM runs a guest is tested against the real qemu: the probe guest under TCG must run
+to its end, and the verdict for KVM must agree with what a real KVM boot of the VM does.
+
 Software emulation (TCG) is fine: each boot takes a few seconds. The guests here have only
 busybox; tests/test_cgroups_v2.py boots one with the host's root.
 """
@@ -7,6 +10,7 @@ busybox; tests/test_cgroups_v2.py boots one with the host's root.
 from __future__ import annotations
 
 import lzma
+import platform
 import signal
 import subprocess
 import sys
@@ -18,7 +22,7 @@ from conftest import REPO, need_tool
 
 from labkit import paths
 from labkit.errors import InvalidValue, Unsupported
-from labkit.lab.vm import VM, VMError, stray_vms
+from labkit.lab.vm import VM, VMError, kvm, stray_vms
 from labkit.lab.vm.host import find_kernel, resolve_modules
 from labkit.lab.vm.initramfs import Cpio
 
@@ -52,7 +56,7 @@ def _gone(pid: int, within: float = 10.0) -> bool:
 def test_run_passes_output_exit_code_and_figures():
     with VM(memory="256M", cgroup="v2") as vm:
         pid = vm.pid
-        assert vm.accel in ("kvm", "tcg")
+        assert vm.accel == ("kvm" if kvm.kvm_verdict().works else "tcg")  # the verdict doctor shows
         assert 0 < vm.guest_boot_seconds < vm.boot_seconds < 120
         assert vm.memory_bytes() > 16 << 20  # the guest's kernel alone is bigger than that
 
@@ -213,3 +217,71 @@ def test_a_vm_whose_launcher_is_gone_is_a_stray():
     finally:
         fake.kill()
         fake.wait()
+
+
+# -- does KVM run a guest here? ------------------------------------------------------------
+
+def _x86_64_only():
+    if platform.machine() != "x86_64":
+        pytest.skip("labkit's probe guest is x86 code")
+
+
+def test_the_probe_guest_runs_to_its_end_under_tcg():
+    _x86_64_only()
+    verdict = kvm.probe("tcg")
+    assert verdict.works and verdict.proven, verdict.reason
+    assert "long mode" in verdict.reason
+
+
+def test_the_probe_fails_a_guest_that_does_not_finish_and_says_how_far_it_got():
+    _x86_64_only()
+    # exits with another value: the guest ran, but not the probe's last instruction
+    verdict = kvm.probe("tcg", bios=kvm.probe_bios(exit_value=0x10))
+    assert not verdict.works
+    assert "exited with 33" in verdict.reason and "reached 64-bit long mode" in verdict.reason
+    # halts at once: qemu never exits, the probe gives up after its timeout
+    started = time.monotonic()
+    verdict = kvm.probe("tcg", timeout=2, bios=b"\xf4" * 0x10000)
+    assert time.monotonic() - started < 6
+    assert not verdict.works
+    assert "ran none of the probe's code" in verdict.reason and "within 2 s" in verdict.reason
+
+
+def test_the_kvm_verdict_agrees_with_a_real_kvm_boot():
+    from labkit.lab import doctor
+
+    verdict = kvm.probe("kvm")
+    assert kvm.kvm_verdict(refresh=True).works == verdict.works  # the reason holds a time: may differ
+    assert doctor.check_kvm().status == ("pass" if verdict.works else "warn")
+    if not verdict.works and not kvm.kvm_status()[0]:
+        pytest.skip(f"no /dev/kvm to boot with: {verdict.reason}")
+    # make the launcher try KVM whatever the probe said, then see what a real boot does
+    kvm.remember(kvm.KvmVerdict(True, "the test says: try KVM"))
+    try:
+        with VM(memory="256M", accel="auto") as vm:
+            booted_with = vm.accel
+            assert vm.run("true").returncode == 0
+        after = kvm.kvm_verdict()
+    finally:
+        kvm.kvm_verdict(refresh=True)
+    assert booted_with == ("kvm" if verdict.works else "tcg"), verdict.reason
+    if not verdict.works:  # the KVM boot failed, as the probe said: the launcher keeps that
+        assert not after.works and "did not boot under KVM" in after.reason
+
+
+def test_explicit_kvm_fails_within_seconds_with_one_line_where_kvm_cannot_run_a_guest():
+    verdict = kvm.kvm_verdict()
+    if verdict.works:
+        pytest.skip(f"KVM runs a guest here: {verdict.reason}")
+    before = stray_vms()
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "labkit", "vm", "run", "--accel", "kvm", "--", "uname", "-r"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert time.monotonic() - started < 10, "explicit --accel kvm took its time instead of failing"
+    assert r.returncode != 0 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("labkit: KVM cannot run a guest here: ") and "--accel tcg" in lines[0]
+    assert stray_vms() == before
+    with pytest.raises(Unsupported, match="KVM cannot run a guest here"):
+        VM(accel="kvm").start()

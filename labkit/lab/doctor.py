@@ -152,13 +152,13 @@ def check_qemu() -> Check:
 
 
 def check_kvm() -> Check:
-    from labkit.lab.vm.host import kvm_probe
+    from labkit.lab.vm.kvm import kvm_verdict
 
-    ok, detail = kvm_probe()
-    if ok:
-        return Check("kvm", "pass", detail, required=False)
-    return Check("kvm", "warn", detail, "the small VM will use software emulation (slower, still works)",
-                 required=False)
+    verdict = kvm_verdict()  # the one the VM launcher uses: a guest ran, or why not
+    if verdict.works:
+        return Check("kvm", "pass", verdict.reason, required=False)
+    return Check("kvm", "warn", f"cannot run a guest: {verdict.reason}",
+                 "the small VM uses software emulation (TCG): slower, still works", required=False)
 
 
 CHECKS: list[Callable[[], Check]] = [

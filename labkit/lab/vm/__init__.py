@@ -8,7 +8,7 @@ the tests boot it with only cgroup v2 mounted, to test labkit's v2 code on a v1 
         r = vm.run("python3 -c 'print(1)'", timeout=60)   # VMResult(returncode, output, seconds)
         vm.boot_seconds, vm.guest_boot_seconds, vm.accel, vm.memory_bytes()
 
-Modules: ``host`` (kernel image, modules, KVM), ``guest`` (the guest's init and agent
+Modules: ``host`` (qemu, kernel image, modules), ``kvm`` (does a KVM guest run here?), ``guest`` (the guest's init and agent
 scripts), ``initramfs`` (the cpio archive), ``machine`` (the qemu process and the channel),
 ``strays`` (VMs left without their launcher).
 

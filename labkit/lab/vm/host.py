@@ -1,4 +1,4 @@
-"""What the host lends the small VM: a kernel image, its modules, and maybe KVM.
+"""What the host lends the small VM: qemu, a kernel image and its modules.
 
 A VM needs a kernel to boot. labkit does not ship one: it boots the host's own
 ``/boot/vmlinuz-*`` (the newest that has its modules in ``/lib/modules/<version>``), so the
@@ -9,18 +9,13 @@ depmod(8) and modules.dep(5)) lists, for each module, every module it needs. Thi
 resolves a wish list into load order and reads each file, decompressing ``.ko.xz``,
 ``.ko.zst`` and ``.ko.gz`` on the host so the guest's busybox ``insmod`` needs no decompressor.
 
-KVM: ``/dev/kvm`` can exist and answer ioctls yet fail to run a real guest (nested
-virtualisation often does). :func:`kvm_status` only says whether it is worth trying; the
-launcher (``machine.py``) then tries it and falls back to software emulation (TCG), and
-:func:`remember_accel` keeps the verdict in the state root so the next boot skips the trial.
-Kernel doc: Documentation/virt/kvm/api.rst.
+Whether KVM really runs a guest here is a question of its own: ``kvm.py``.
 
-Layer: lab. Used by ``labkit.lab.vm.initramfs`` and ``labkit.lab.vm.machine``.
+Layer: lab. Used by ``labkit.lab.vm.initramfs``, ``labkit.lab.vm.kvm`` and ``labkit.lab.vm.machine``.
 """
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import lzma
 import os
@@ -32,16 +27,10 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from labkit import paths
-from labkit.errors import LabkitError, NeedsRoot, NotFound, Unsupported
+from labkit.errors import NeedsRoot, NotFound, Unsupported
 
 BOOT = Path("/boot")
 MODULES = Path("/lib/modules")
-KVM_DEVICE = Path("/dev/kvm")
-
-KVM_GET_API_VERSION = 0xAE00  # _IO(KVMIO, 0x00); the stable API answers 12
-KVM_CREATE_VM = 0xAE01  # _IO(KVMIO, 0x01); fails where KVM is switched off
-KVM_API_VERSION = 12
 
 
 @dataclass(frozen=True)
@@ -52,6 +41,10 @@ class Arch:
     machine: str  # -machine
     console: str  # the guest's serial console device, for console=
     cpu_tcg: str  # -cpu under software emulation
+
+    def cpu(self, accel: str) -> str:
+        """-cpu for ``accel``: under KVM the guest sees the host's own CPU model."""
+        return "host" if accel == "kvm" else self.cpu_tcg
 
 
 ARCHES = {
@@ -231,75 +224,3 @@ def module_bytes(path: Path) -> bytes:
                               hint="apt-get install zstd")
         return subprocess.run([tool, "-dc", str(path)], check=True, capture_output=True).stdout
     return raw
-
-
-def kvm_status(device: Path = KVM_DEVICE) -> tuple[bool, str]:
-    """(worth trying, why): opens /dev/kvm and asks it for its API version and a VM.
-
-    True only means the ioctls answer; a real guest may still fail (the launcher checks).
-    """
-    try:
-        fd = os.open(device, os.O_RDWR | os.O_CLOEXEC)
-    except OSError as e:
-        return False, f"cannot open {device}: {e.strerror}"
-    try:
-        version = fcntl.ioctl(fd, KVM_GET_API_VERSION)
-        if version != KVM_API_VERSION:
-            return False, f"{device} speaks KVM API {version}, not {KVM_API_VERSION}"
-        vm_fd = fcntl.ioctl(fd, KVM_CREATE_VM, 0)
-        os.close(vm_fd)
-        return True, f"{device} answers KVM_GET_API_VERSION and KVM_CREATE_VM"
-    except OSError as e:
-        return False, f"{device} refuses KVM ioctls: {e.strerror}"
-    finally:
-        os.close(fd)
-
-
-def kvm_probe(timeout: float = 1.5) -> tuple[bool, str]:
-    """(works, why): the ioctls, then a real qemu with KVM, stopped before its first
-    instruction (-S). A /dev/kvm that answers the ioctls can still fail when qemu sets up
-    a virtual CPU (seen in nested setups: "failed to set MSR"); a qemu still alive after
-    ``timeout`` got past that point."""
-    ok, why = kvm_status()
-    if not ok:
-        return ok, why
-    try:
-        qemu = qemu_binary()
-    except LabkitError as e:
-        return False, str(e)
-    argv = [qemu, "-accel", "kvm", "-cpu", "host", "-nodefaults", "-no-user-config", "-display", "none",
-            "-S", "-monitor", "none", "-serial", "none"]
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return True, "/dev/kvm works: qemu started a KVM guest"
-    first = (r.stderr.strip().splitlines() or [f"exit {r.returncode}"])[0]
-    return False, f"/dev/kvm answers, but qemu cannot run a KVM guest ({first[:80]})"
-
-
-def _verdict_file() -> Path:
-    return paths.lib_root() / "vm" / "accel"
-
-
-def _verdict_key() -> str:
-    # a new host kernel or a new qemu may change whether KVM works
-    qemu = qemu_binary()
-    return f"{os.uname().release} {qemu} {os.stat(qemu).st_mtime_ns}"
-
-
-def remembered_accel() -> str:
-    """'kvm' or 'tcg' if an earlier boot on this host found out, else ''."""
-    try:
-        accel, key = _verdict_file().read_text().split("\n", 1)
-    except (OSError, ValueError):
-        return ""
-    return accel if key.strip() == _verdict_key() else ""
-
-
-def remember_accel(accel: str) -> None:
-    """Keep what booted ('kvm' or 'tcg') for the next VM on this host."""
-    try:
-        _verdict_file().parent.mkdir(parents=True, exist_ok=True)
-        _verdict_file().write_text(f"{accel}\n{_verdict_key()}\n")
-    except OSError:
-        pass  # not writable: the next boot tries again

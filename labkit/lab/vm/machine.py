@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Self
 
 from labkit import paths
-from labkit.errors import InvalidValue, LabkitError, StateError, require_root
+from labkit.errors import InvalidValue, LabkitError, StateError, Unsupported, require_root
 from labkit.kernel import syscalls
-from labkit.lab.vm import guest, host
+from labkit.lab.vm import guest, host, kvm
 from labkit.lab.vm.initramfs import initramfs
 
-KVM_TRIAL_SECONDS = 10.0  # a KVM guest is ready in ~1 s; past this, KVM is broken here
+KVM_TRIAL_SECONDS = 10.0  # a KVM guest is ready in ~1 s; past this, KVM is broken here after all
 ACCEL_ENV = "LABKIT_VM_ACCEL"  # set to kvm or tcg to skip the automatic choice
 _live: weakref.WeakSet[VM] = weakref.WeakSet()
 
@@ -82,7 +82,8 @@ class VM:
     memory: '512M'-style size. cpus: virtual CPUs. share_host_root: the host's / read-only
     over 9p under a tmpfs overlay, so host programs (python, the venv, labkit) run inside.
     cgroup: 'v2' (only the unified hierarchy, every controller) or 'v1'. accel: 'auto'
-    (KVM if it really works, else TCG), 'kvm' or 'tcg'.
+    (KVM if ``kvm.kvm_verdict()`` says a guest runs, else TCG), 'kvm' (Unsupported at once
+    where the verdict says no) or 'tcg'.
     """
 
     def __init__(self, memory: str | int = "512M", cpus: int = 1, *, share_host_root: bool = False,
@@ -125,24 +126,30 @@ class VM:
             raise StateError(f"VM {self.name} is already started")
         kernel = host.find_kernel()
         qemu = host.qemu_binary()
+        choice = self.wanted_accel
+        if choice != "tcg":  # one verdict for doctor, notebooks and here: did a KVM guest run?
+            verdict = kvm.kvm_verdict()
+            if choice == "kvm" and not verdict.works:
+                raise Unsupported(f"KVM cannot run a guest here: {verdict.reason}",
+                                  hint="use --accel tcg (software emulation) or --accel auto")
+            choice = "kvm" if verdict.works else "tcg"
         image = initramfs(kernel)
         try:
             self._kernel_file = host.pvh_kernel(kernel, image.parent) or kernel.image
         except OSError:  # no room or no write access for the unpacked copy: boot the bzImage
             self._kernel_file = kernel.image
-        choice = host.remembered_accel() if self.wanted_accel == "auto" else self.wanted_accel
-        if not choice:
-            usable, _why = host.kvm_status()
-            choice = "kvm" if usable else "tcg"
         _live.add(self)
         try:
             try:
                 self._boot(qemu, image, choice, KVM_TRIAL_SECONDS if self.wanted_accel == "auto"
                            and choice == "kvm" else self.boot_timeout)
-            except VMError:
+            except VMError as e:
                 if self.wanted_accel != "auto" or choice != "kvm":
                     raise
-                if self.proc is not None:  # /dev/kvm answered but cannot run this guest: emulate
+                # the probe guest ran, but this kernel does not boot under KVM: say so from now on
+                kvm.remember(kvm.KvmVerdict(False, f"a probe guest ran, but the VM did not boot "
+                                                   f"under KVM: {str(e).splitlines()[0][:160]}"))
+                if self.proc is not None:
                     self.proc.kill()
                 self._stop_process()
                 choice = "tcg"
@@ -150,8 +157,6 @@ class VM:
         except BaseException:
             self.shutdown()
             raise
-        if self.wanted_accel == "auto":
-            host.remember_accel(choice)
         return self
 
     def _command_line(self, qemu: str, image: Path, accel: str, socket_path: str) -> list[str]:
@@ -162,7 +167,7 @@ class VM:
         if self.share_host_root:
             append.append("labkit_hostroot=1")
         cmd = [qemu, "-name", f"{self.name},process={self.name}", "-machine", arch.machine,
-               "-accel", accel, "-cpu", "host" if accel == "kvm" else arch.cpu_tcg,
+               "-accel", accel, "-cpu", arch.cpu(accel),
                "-m", f"{self.memory_mib}M", "-smp", str(self.cpus),
                "-nodefaults", "-no-user-config", "-display", "none", "-nic", "none", "-no-reboot",
                "-kernel", str(self._kernel_file), "-initrd", str(image), "-append", " ".join(append),
