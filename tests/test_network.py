@@ -386,8 +386,11 @@ def test_cleanup_removes_our_namespaces_links_and_table(tid, canary):
     ns = net.NetNS.create(f"labkit-t{tid}-a")
     net.veth(f"lk{tid}h", "eth0", peer_netns=ns)
     net.bridge(f"lk{tid}br")
-    ns.close()  # as after a crash: nothing holds it but its bind mount
-    subprocess.run([need_tool("ip"), "netns", "add", hand], check=True, timeout=10)  # a real /run/netns mount
+    # a namespace the way `ip netns add` keeps one: a bind mount in /run/netns itself
+    # (made by hand, since `ip netns add` would also turn /run/netns into a mount point)
+    (paths.IP_NETNS_DIR / hand).touch()
+    mounts.bind(ns.path, paths.IP_NETNS_DIR / hand, recursive=False)
+    ns.close()  # as after a crash: nothing holds them but their bind mounts
     table = net.Table(f"labkit-t{tid}").create()
     table.publish(8080, "10.77.0.2", 80)
     assert ours(tid) == {"netns": [f"labkit-t{tid}-a", hand], "links": [f"lk{tid}br", f"lk{tid}h"],
