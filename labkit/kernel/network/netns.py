@@ -112,6 +112,9 @@ class NetNS:
                 syscalls.unshare(CloneFlags.CLONE_NEWNET)  # only this thread moves
                 mounts.bind("/proc/thread-self/ns/net", path, recursive=False)
 
+            # ip netns add also makes /run/netns a shared mount, so that a later delete
+            # reaches copies in mount namespaces made meanwhile. labkit does not: its
+            # containers pivot_root and detach the host's tree, dropping their copies.
             in_thread(new_stack)
             paths.IP_NETNS_DIR.mkdir(parents=True, exist_ok=True)
             os.symlink(path, ip_link)
