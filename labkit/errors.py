@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import re
 
 
 class LabkitError(Exception):
@@ -161,3 +162,34 @@ class ExecFailed(LabkitError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class NetlinkError(LabkitError, OSError):
+    """The kernel refused a netlink request (a link, an address, a route). The message
+    names the request as the ip(8) command that would make it, so it can be retried by hand.
+
+    >>> str(NetlinkError(17, "ip link add lkbr0 type bridge"))
+    'ip link add lkbr0 type bridge: EEXIST: File exists'
+    """
+
+    def __init__(self, err: int, command: str) -> None:
+        name = _errno.errorcode.get(err, str(err))
+        LabkitError.__init__(self, f"{command}: {name}: {os.strerror(err)}")
+        self.errno = err
+        self.strerror = os.strerror(err)
+        self.command = command
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class NftError(LabkitError):
+    """libnftables refused a command; carries the command (as nft(8) would print it) and
+    the first line of nft's own error text."""
+
+    def __init__(self, command: str, error: str) -> None:
+        first = next((line for line in error.splitlines() if line.strip()), "unknown error")
+        first = re.sub(r"^\S+:\d+:\d+-\d+: ", "", first)  # "internal:0:0-0: " (where in the input)
+        super().__init__(f"nft {command}: {first}")
+        self.command = command
+        self.error = error

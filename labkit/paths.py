@@ -20,8 +20,10 @@ PROC = Path("/proc")
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 CGROUP_PARENT = "labkit"  # every cgroup labkit makes sits below a cgroup of this name
-NETNS_PREFIX = "labkit-"  # named network namespaces: /run/netns/labkit-*
+NETNS_PREFIX = "labkit-"  # named network namespaces: run_root()/netns/labkit-*, /run/netns/labkit-*
 LINK_PREFIX = "lk"  # network links: lkbr0, lkh1a2b...
+NFT_TABLE = "labkit"  # labkit's one nftables table: `table ip labkit` (tests use labkit-*)
+IP_NETNS_DIR = Path("/run/netns")  # where ip(8) looks for named network namespaces
 VM_NAME_PREFIX = "labkit-vm"  # qemu's -name, so cleanup can find our VMs
 
 
@@ -58,6 +60,11 @@ def containers_dir() -> Path:
 def mounts_dir() -> Path:
     """Scratch mount points made by the kernel layer (overlay demos, bind mounts)."""
     return run_root() / "mnt"
+
+
+def netns_dir() -> Path:
+    """Network namespaces kept alive by a bind mount of their nsfs file, one per name."""
+    return run_root() / "netns"
 
 
 def cache_root() -> Path:

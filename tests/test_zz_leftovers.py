@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import psutil
+import pytest
 
 from labkit import paths
 from labkit.kernel import cgroups
@@ -34,10 +38,22 @@ def test_no_cgroups_left():
 
 
 def test_no_network_namespaces_or_links_left():
-    netns = Path("/run/netns")
-    names = os.listdir(netns) if netns.is_dir() else []
-    assert [n for n in names if n.startswith(paths.NETNS_PREFIX)] == []
+    # labkit's namespaces are bind mounts under the run root (test_no_mounts_left sees
+    # those), each with a symlink in /run/netns for ip(8)
+    for netns in (paths.IP_NETNS_DIR, paths.netns_dir()):
+        names = os.listdir(netns) if netns.is_dir() else []
+        assert [n for n in names if n.startswith(paths.NETNS_PREFIX)] == []
     assert [n for n in os.listdir("/sys/class/net") if n.startswith(paths.LINK_PREFIX)] == []
+
+
+def test_no_nftables_table_left():
+    """No table named labkit or labkit-* (labkit's own and the tests'), in any family."""
+    nft = shutil.which("nft") or "/usr/sbin/nft"
+    if not os.path.exists(nft):
+        pytest.skip("nft is not installed: no table can have been made")
+    out = subprocess.run([nft, "-j", "list", "tables"], capture_output=True, text=True, timeout=30, check=True)
+    names = [t["table"]["name"] for t in json.loads(out.stdout)["nftables"] if "table" in t]
+    assert [n for n in names if n == paths.NFT_TABLE or n.startswith(paths.NFT_TABLE + "-")] == []
 
 
 def test_no_loop_devices_left():

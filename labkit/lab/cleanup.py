@@ -7,8 +7,9 @@ labkit names every kernel object it creates so that it can be found again after 
    the service starts a fresh one), everything in a cgroup below a ``labkit`` parent,
    and qemu VMs named ``labkit-vm-*`` whose launching process has gone;
 2. mounts: everything mounted below the state roots (/var/lib/labkit, /run/labkit);
-3. network namespaces named ``labkit-*`` (bind mounts in /run/netns) and links whose
-   name starts with ``lk``;
+3. links whose name starts with ``lk``, network namespaces named ``labkit-*`` (bind
+   mounts under the run root, symlinked from /run/netns, or bind mounts in /run/netns)
+   and labkit's nftables tables (``labkit``, ``labkit-*``);
 4. loop devices whose backing file lies below a state root;
 5. cgroups below the ``labkit`` parents (the empty parents stay, as Docker's do);
 6. live state: the run root (pid files, container state), which is stale once its
@@ -89,36 +90,14 @@ def _unmount_roots() -> list[str]:
     return done
 
 
-def _remove_netns() -> list[str]:
-    done = []
-    netns_dir = Path("/run/netns")
-    if netns_dir.is_dir():
-        for entry in sorted(netns_dir.iterdir()):
-            if entry.name.startswith(paths.NETNS_PREFIX):
-                mounts.unmount_below(entry)
-                entry.unlink()
-                done.append(f"removed network namespace {entry.name}")
-    return done
+def _remove_network(netns_prefix: str = paths.NETNS_PREFIX, link_prefix: str = paths.LINK_PREFIX,
+                    table_prefix: str = paths.NFT_TABLE) -> list[str]:
+    """Host links named lk*, network namespaces named labkit-* (in /run/netns and under the
+    run root) and labkit's nftables tables: see labkit/kernel/network. Tests narrow the
+    prefixes to their own objects."""
+    from labkit.kernel import network  # cheap: pyroute2 loads only if there is a link to delete
 
-
-def _remove_links() -> list[str]:
-    names = [n for n in os.listdir("/sys/class/net") if n.startswith(paths.LINK_PREFIX)]
-    if not names:
-        return []
-    from pyroute2 import IPRoute  # heavy: only when there is something to delete
-
-    done = []
-    with IPRoute() as ipr:
-        for name in names:
-            idx = ipr.link_lookup(ifname=name)
-            if idx:
-                try:
-                    ipr.link("del", index=idx[0])
-                    done.append(f"removed link {name}")
-                except Exception as e:
-                    if "No such device" not in str(e):
-                        raise
-    return done
+    return network.remove_all(netns_prefix, link_prefix, table_prefix)
 
 
 def _detach_loops() -> list[str]:
@@ -179,7 +158,7 @@ def cleanup() -> list[str]:
     done = _stop_daemon() + _each_cgroup(_kill) + _kill_vms()
     if done:
         time.sleep(0.05)  # let the killed processes exit before unmounting their roots
-    steps = (_unmount_roots, _remove_netns, _remove_links, _detach_loops, lambda: _each_cgroup(_remove),
+    steps = (_unmount_roots, _remove_network, _detach_loops, lambda: _each_cgroup(_remove),
              _remove_run_state, _remove_containers)
     for step in steps:
         done += step()
