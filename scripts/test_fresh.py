@@ -11,7 +11,7 @@ would see it:
 2. Each run unpacks it into a new folder and copies the checkout in (the files git
    tracks, plus the untracked ones it does not ignore, as they are in the working tree).
 3. In new mount and PID namespaces it mounts /proc, /sys, /sys/fs/cgroup, /dev, /dev/pts,
-   /dev/shm and /run the way a booted machine has them, chroots, and runs
+   /dev/shm and /run the way a booted machine has them, makes it the root, and runs
    `bash scripts/test.sh` as root with a clean environment and CI=true. The host's /opt,
    /usr/local, venv, pip and apt state are not in there: the run installs every package
    itself, over the network, as a new machine would.
@@ -22,6 +22,11 @@ would see it:
 
 The network namespace is the host's: the run needs the package registries. Tests inside
 therefore share links and network namespaces with anything else running on the machine.
+The one thing of the host's that goes in is the network's trust: where HTTPS to the
+registries passes a proxy that signs with a CA of its own, a new machine has that CA in
+/usr/local/share/ca-certificates and variables that point programs at the system bundle.
+Those certificates and those variables (TRUST_VARIABLES) are copied; once the run has
+installed the ca-certificates package, update-ca-certificates adds them to the bundle.
 
     sudo python3 scripts/test_fresh.py                  # Debian 12 (bookworm)
     sudo python3 scripts/test_fresh.py --suite trixie   # Debian 13
@@ -53,6 +58,9 @@ DEBOOTSTRAP_TIMEOUT_S = 30 * 60
 RUN_TIMEOUT_S = 75 * 60  # provisioning from nothing (~5 min) plus the whole suite (~10 min), with room
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CHECKOUT = "/root/labkit"  # where the copy of the checkout goes inside the fresh root
+LOCAL_CAS = Path("/usr/local/share/ca-certificates")
+TRUST_VARIABLES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "PIP_CERT", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE",
+                   "http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 
 
 def say(msg: str) -> None:
@@ -114,6 +122,12 @@ def prepare(root: Path, tar: Path, suite: str) -> None:
         f"deb {SECURITY} {suite}-security main\n")
     shutil.copy2("/etc/resolv.conf", etc / "resolv.conf", follow_symlinks=True)
     (etc / "hosts").write_text("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n")
+    cas = sorted(LOCAL_CAS.glob("*.crt")) if LOCAL_CAS.is_dir() else []
+    if cas:
+        (root / LOCAL_CAS.relative_to("/")).mkdir(parents=True, exist_ok=True)
+        for ca in cas:
+            shutil.copy2(ca, root / ca.relative_to("/"))
+        say(f"the network's CA certificates: {', '.join(ca.name for ca in cas)}")
     files = checkout_files()
     dest = root / CHECKOUT.lstrip("/")
     dest.mkdir(parents=True)
@@ -201,10 +215,15 @@ def leave_child_cgroups(pairs: list[tuple[Path, Path]]) -> list[str]:
 
 # --- 3. the run --------------------------------------------------------------------------
 
-# Runs as PID 1 of the new PID namespace, in the new mount namespace, before the chroot.
+# Runs as PID 1 of the new PID namespace, in the new mount namespace. The fresh root
+# becomes a mount of its own and then the root, with pivot_root as a container runtime
+# does it: a plain chroot would leave / a directory, not a mount, and every container
+# started inside would fail in pivot_root(2) with EINVAL. The host's root is then
+# detached, so nothing of it is reachable from inside.
 MOUNTS = r"""
 set -e
 R="$1"; shift
+mount --bind "$R" "$R"
 mount -t proc -o nosuid,nodev,noexec proc "$R/proc"
 mount -t sysfs -o nosuid,nodev,noexec sysfs "$R/sys"
 mount --rbind /sys/fs/cgroup "$R/sys/fs/cgroup"
@@ -214,14 +233,22 @@ mount -t devpts -o nosuid,noexec,newinstance,ptmxmode=0666,mode=620,gid=5 devpts
 mount --bind "$R/dev/pts/ptmx" "$R/dev/ptmx"
 mount -t tmpfs -o nosuid,nodev,mode=1777 tmpfs "$R/dev/shm"
 mount -t tmpfs -o nosuid,nodev,mode=755 tmpfs "$R/run"
-exec chroot "$R" /usr/bin/env -i "$@"
+mkdir -m 1777 "$R/run/lock"
+mkdir "$R/.old-root"
+cd "$R"
+pivot_root . .old-root
+umount -l /.old-root
+rmdir /.old-root
+exec /usr/bin/env -i "$@"
 """
 
 
 def run(root: Path, pytest_args: list[str]) -> int:
     env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root",
            "LANG=C.UTF-8", "TERM=dumb", "CI=true"]
-    inner = f"cd {CHECKOUT} && exec bash scripts/test.sh " + " ".join(map(shlex.quote, pytest_args))
+    env += [f"{name}={os.environ[name]}" for name in TRUST_VARIABLES if name in os.environ]
+    # not `exec`: this bash stays PID 1 and, like init, reaps the orphans the tests leave
+    inner = f"cd {CHECKOUT} && bash scripts/test.sh {' '.join(map(shlex.quote, pytest_args))}; exit $?"
     argv = ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
             "sh", "-c", MOUNTS, "test-fresh", str(root), *env, "bash", "-c", inner]
     try:
