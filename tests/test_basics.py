@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from labkit.lab import cleanup, doctor
 
@@ -21,6 +26,17 @@ def labkit_cmd(*args, user=None, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, **kw)
 
 
+@pytest.fixture(scope="module")
+def as_nobody():
+    """The environment for running labkit as the user nobody, with a copy of the package
+    that nobody can read: the checkout may sit where only root can enter (/root/labkit)."""
+    with tempfile.TemporaryDirectory(prefix="labkit-pkg-") as d:
+        shutil.copytree(REPO / "labkit", Path(d, "labkit"), ignore=shutil.ignore_patterns("__pycache__"))
+        for path in [Path(d), *Path(d).rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        yield {**os.environ, "PYTHONPATH": d, "PYTHONDONTWRITEBYTECODE": "1"}
+
+
 def test_import_is_cheap():
     code = (
         "import sys, json; import labkit, labkit.cli, labkit.kernel.namespaces, labkit.kernel.overlay, "
@@ -32,8 +48,8 @@ def test_import_is_cheap():
 
 
 @pytest.mark.parametrize("command", [["cleanup"], ["run", "busybox", "true"]])
-def test_cli_as_non_root_prints_one_line(command):
-    r = labkit_cmd(*command, user="nobody", cwd="/")
+def test_cli_as_non_root_prints_one_line(command, as_nobody):
+    r = labkit_cmd(*command, user="nobody", cwd="/", env=as_nobody)
     assert r.returncode == 1
     assert r.stderr.startswith("labkit: needs root: "), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -59,8 +75,8 @@ def test_doctor_cli_exit_code():
     assert "ready: everything required is here" in r.stdout
 
 
-def test_doctor_as_non_root_fails_the_root_line():
-    r = labkit_cmd("doctor", user="nobody", cwd="/")
+def test_doctor_as_non_root_fails_the_root_line(as_nobody):
+    r = labkit_cmd("doctor", user="nobody", cwd="/", env=as_nobody)
     assert r.returncode == 1
     assert "FAIL  root" in r.stdout and "Traceback" not in r.stderr
 

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from conftest import REPO, need_tool
 
@@ -217,6 +218,31 @@ def test_a_vm_whose_launcher_is_gone_is_a_stray():
     finally:
         fake.kill()
         fake.wait()
+
+
+def test_a_vm_launched_in_another_pid_namespace_is_not_a_stray():
+    """A launcher in a PID namespace of its own (a container, make test-fresh) names its VM
+    with the pid it sees, which is not the one seen out here. While it lives, its VM is no
+    stray: cleanup on the host once killed such a VM mid-test."""
+    # in a new PID namespace: a shell (pid 1 there) starts a stand-in qemu named after it
+    script = (f"{sys.executable} -c 'import time; time.sleep(60)' -name {paths.VM_NAME_PREFIX}-1-abcdef & "
+              "wait")
+    outer = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sh", "-c", script])
+    try:
+        def stand_in() -> int | None:
+            for p in psutil.process_iter(["cmdline"]):
+                if f"{paths.VM_NAME_PREFIX}-1-abcdef" in (p.info["cmdline"] or []):
+                    return p.pid
+            return None
+
+        deadline = time.monotonic() + 10
+        while stand_in() is None:
+            assert time.monotonic() < deadline, "the stand-in did not start"
+            time.sleep(0.05)
+        assert stand_in() not in stray_vms()
+    finally:
+        outer.kill()
+        outer.wait()
 
 
 # -- does KVM run a guest here? ------------------------------------------------------------

@@ -18,8 +18,24 @@ from pathlib import Path
 from labkit import paths
 
 
+def _pids_of(pid: int) -> list[int]:
+    """A process's pid in each PID namespace it is in, outermost first (NSpid in
+    /proc/PID/status, see proc(5)); [] when it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return [int(p) for p in line.split()[1:]]
+    except (OSError, ValueError):
+        pass
+    return []
+
+
 def stray_vms() -> list[int]:
-    """PIDs of labkit's qemu processes whose parent is not the launcher their name gives."""
+    """PIDs of labkit's qemu processes whose parent is not the launcher their name gives.
+
+    The name holds the launcher's pid as the launcher saw it. A launcher in a PID namespace
+    of its own (a container, `make test-fresh`) has another pid out here: so the parent's
+    pids in every namespace are compared, not the one this process sees."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -32,7 +48,7 @@ def stray_vms() -> list[int]:
         for arg in argv[1:]:
             m = re.match(rf"{paths.VM_NAME_PREFIX}-(\d+)-".encode(), arg)
             if m and b"-name" in argv:
-                if int(m[1]) != parent:
+                if int(m[1]) not in _pids_of(parent):
                     found.append(int(entry.name))
                 break
     return sorted(found)
