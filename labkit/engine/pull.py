@@ -115,7 +115,7 @@ def _manifest(client: Client, repo: str, ref: str, pull_scope: str) -> tuple[byt
         resp = client.request("GET", f"/v2/{repo}/manifests/{ref}", scope=pull_scope, headers={"Accept": ACCEPT})
     except RegistryError as err:
         if err.status == 404 or err.code in ("MANIFEST_UNKNOWN", "NAME_UNKNOWN"):
-            raise NotFound(f"manifest for {client.domain}/{repo}:{ref} not found: {err}") from None
+            raise NotFound(f"manifest for {client.domain}/{repo}:{ref} not found ({err.code or err.status})") from None
         raise
     raw = resp.read(MAX_MANIFEST + 1)
     if len(raw) > MAX_MANIFEST:
