@@ -188,6 +188,12 @@ def test_hostile_archives_are_refused_in_one_line_and_nothing_is_stored(store): 
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     cases["badpath.tar"] = "../../etc/passwd"
+    # a directory archive whose manifest.json reaches a file beside it: read, it would load
+    (store / "outside.json").write_text(json.dumps({"os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}))
+    (store / "dirarchive").mkdir()
+    (store / "dirarchive/manifest.json").write_text(json.dumps([{"Config": "../outside.json", "Layers": [],
+                                                                 "RepoTags": ["out/side:v1"]}]))  # fmt: skip
+    cases["dirarchive"] = "'../outside.json' leaves the archive"
     layout = store / "baddigest"
     oci_layout(layout, "v1", [tar_of(("f", "file", "1"))])
     index = json.loads((layout / "index.json").read_text())
