@@ -193,3 +193,19 @@ class NftError(LabkitError):
         super().__init__(f"nft {command}: {first}")
         self.command = command
         self.error = error
+
+
+class BadContent(LabkitError):
+    """A blob, manifest, archive or layer member is not what it claims to be (a digest
+    that does not match, a tar entry that would leave its layer, a malformed manifest).
+    The message names the entry; nothing of it was stored."""
+
+
+class RegistryError(LabkitError):
+    """A registry answered with an error, or could not be reached. Carries the HTTP
+    ``status`` (0 when there was no answer) and the registry's own error ``code``."""
+
+    def __init__(self, message: str, status: int = 0, code: str = "", *, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.status = status
+        self.code = code

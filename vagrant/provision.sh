@@ -66,7 +66,7 @@ if [ "$DEV" = 1 ]; then
   # Vagrantfile (without a provider plugin `vagrant validate` finds "no usable default
   # provider"); a registry for the image lessons; a browser for the lab's end-to-end test.
   pkgs+=(shellcheck systemd)
-  tools=(vagrant vagrant-libvirt docker-registry chromium chromium-driver)
+  tools=(vagrant vagrant-libvirt docker-registry chromium chromium-driver podman openssl)
   if [ "${ID}:${VERSION_ID:-}" = debian:12 ]; then
     pkgs+=("${tools[@]}")  # CI's system: every test tool is required, so that no test skips
   else

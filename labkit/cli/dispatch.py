@@ -37,6 +37,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stats": ("labkit.cli.containers", "Live CPU, memory and pids of containers"),
     "inspect": ("labkit.cli.containers", "Show a container or image as JSON"),
     "images": ("labkit.cli.containers", "List images"),
+    "pull": ("labkit.cli.images", "Download an image from a registry"),
+    "push": ("labkit.cli.images", "Upload an image to a registry"),
+    "load": ("labkit.cli.images", "Load images from a docker-archive or OCI layout"),
+    "save": ("labkit.cli.images", "Save images to a docker-archive or OCI layout"),
+    "tag": ("labkit.cli.images", "Give an image another name"),
     # runc's command line over an OCI bundle
     "runtime": ("labkit.cli.runtime", "runc-like commands over an OCI bundle"),
     # the course

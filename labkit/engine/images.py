@@ -42,7 +42,6 @@ import fcntl
 import io
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -56,7 +55,7 @@ from labkit.engine import safe
 # Unpacking tars and building base images (tarfile, debootstrap) is needed only when an
 # image is made; `labkit run` of an image already in the store loads neither module.
 # Nor hashlib, tempfile or typing (~7 ms of imports): they are imported where used.
-from labkit.errors import InvalidValue, LabkitError, NotFound, StateError
+from labkit.errors import LabkitError, NotFound, StateError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
@@ -66,9 +65,6 @@ Progress = Callable[[str], None]  # called with one line of text per build step
 
 # The images labkit can make without a registry, and the tag a bare name means.
 BUILTIN = {"busybox": "latest", "debian": "bookworm"}
-_NAME = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*")
-_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_ACCEPTED = "NAME[:TAG] in lower case, e.g. busybox or debian:bookworm"
 
 
 @dataclass(frozen=True)
@@ -108,7 +104,7 @@ class Image:
 
     @property
     def ref(self) -> str:
-        return f"{self.name}:{self.tag}"
+        return _key(self.name, self.tag)
 
     @property
     def short_id(self) -> str:
@@ -116,15 +112,21 @@ class Image:
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
-    """Split an image reference into name and tag, filling in the default tag.
+    """Split an image reference into its familiar name and tag, filling in the default
+    tag (see ``reference``); for ``NAME@sha256:...`` the "tag" is the digest.
 
-    >>> parse_ref("busybox"), parse_ref("debian"), parse_ref("me/app:v2")
-    (('busybox', 'latest'), ('debian', 'bookworm'), ('me/app', 'v2'))
+    >>> parse_ref("busybox"), parse_ref("debian"), parse_ref("localhost:5000/app:v2")
+    (('busybox', 'latest'), ('debian', 'bookworm'), ('localhost:5000/app', 'v2'))
     """
-    name, colon, tag = ref.partition(":")
-    if not _NAME.fullmatch(name) or (colon and not _TAG.fullmatch(tag)):
-        raise InvalidValue("image name", ref, _ACCEPTED)
-    return name, tag or BUILTIN.get(name, "latest")
+    from labkit.engine import reference
+
+    r = reference.parse(ref, default_tag="")
+    return r.name, r.digest or r.tag or BUILTIN.get(r.name, "latest")
+
+
+def _key(name: str, tag: str) -> str:
+    """The store's key for a name: 'busybox:latest', or 'app@sha256:...' for a digest."""
+    return f"{name}@{tag}" if tag.startswith("sha256:") else f"{name}:{tag}"
 
 
 # --- the files of the store -----------------------------------------------------
@@ -169,7 +171,7 @@ def _load(ref: str, image_id: str) -> Image:
     doc = json.loads((_store() / "configs" / f"{image_id.removeprefix('sha256:')}.json").read_text())
     diff_ids = doc["rootfs"]["diff_ids"]
     size = sum(json.loads((_layer_dir(d) / "layer.json").read_text())["size"] for d in diff_ids)
-    name, tag = ref.rsplit(":", 1)
+    name, tag = ref.split("@") if "@" in ref else ref.rsplit(":", 1)
     return Image(
         name=name, tag=tag, id=image_id,
         layers=[_layer_dir(d) / "fs" for d in reversed(diff_ids)],  # OCI lists bottom first
@@ -219,12 +221,6 @@ def import_layer(tar: BinaryIO | bytes | str | os.PathLike[str]) -> str:
 def create(ref: str, diff_ids: Sequence[str], config: ImageConfig, created_by: str = "") -> Image:
     """Store an image made of already imported layers (bottom first, as OCI lists
     them) and point ``ref`` at it."""
-    import hashlib
-
-    name, tag = parse_ref(ref)
-    for diff_id in diff_ids:
-        if not (_layer_dir(diff_id) / "layer.json").exists():
-            raise NotFound(f"no layer {diff_id} in {_store() / 'layers'}")
     now = time.time()
     doc = {
         "architecture": _oci_arch(), "os": "linux",
@@ -233,14 +229,32 @@ def create(ref: str, diff_ids: Sequence[str], config: ImageConfig, created_by: s
         "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
         "history": [{"created_by": created_by or "labkit"}],
     }  # fmt: skip
-    data = json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
+    return store_config(ref, json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n")
+
+
+def store_config(ref: str, data: bytes) -> Image:
+    """Store the image config ``data`` byte for byte (its sha256 is the image ID, so a
+    pulled or loaded image keeps the ID it had elsewhere) and point ``ref`` at it.
+    Every layer it lists must be imported already."""
+    import hashlib
+
+    name, tag = parse_ref(ref)
+    for diff_id in json.loads(data)["rootfs"]["diff_ids"]:
+        if not (_layer_dir(diff_id) / "layer.json").exists():
+            raise NotFound(f"no layer {diff_id} in {_store() / 'layers'}")
     image_id = "sha256:" + hashlib.sha256(data).hexdigest()
     with _locked():
         _write_atomic(_store() / "configs" / f"{image_id.removeprefix('sha256:')}.json", data)
         repos = _repositories()
-        repos[f"{name}:{tag}"] = image_id
+        repos[_key(name, tag)] = image_id
         _write_atomic(_store() / "repositories.json", json.dumps(repos, indent=2, sort_keys=True).encode())
-    return _load(f"{name}:{tag}", image_id)
+    return _load(_key(name, tag), image_id)
+
+
+def tag(source: str, target: str) -> Image:
+    """Point ``target`` at the image ``source`` names, as ``docker tag`` does."""
+    image = get(source)
+    return store_config(target, (_store() / "configs" / f"{image.id.removeprefix('sha256:')}.json").read_bytes())
 
 
 def _oci_arch() -> str:
@@ -264,7 +278,7 @@ def build_base(name: str, progress: Progress | None = None) -> Image:
     repo, tag = parse_ref(name)
     if BUILTIN.get(repo) != tag:
         raise NotFound(f"no built-in image {name!r}; labkit builds 'busybox' and 'debian' itself")
-    ref = f"{repo}:{tag}"
+    ref = _key(repo, tag)
     say = progress or _stderr
     existing = _repositories().get(ref)
     if existing:
@@ -285,9 +299,9 @@ def build_base(name: str, progress: Progress | None = None) -> Image:
 def get(ref: str, progress: Progress | None = None) -> Image:
     """The image ``ref`` names; a built-in one is built on first use."""
     name, tag = parse_ref(ref)
-    image_id = _repositories().get(f"{name}:{tag}")
+    image_id = _repositories().get(_key(name, tag))
     if image_id:
-        return _load(f"{name}:{tag}", image_id)
+        return _load(_key(name, tag), image_id)
     if BUILTIN.get(name) == tag:
         return build_base(f"{name}:{tag}", progress)
     raise NotFound(f"no such image {ref!r}; labkit images lists them, 'busybox' and 'debian' are built in")
@@ -308,17 +322,17 @@ def remove(ref: str) -> None:
     name, tag = parse_ref(ref)
     with _locked():
         repos = _repositories()
-        image_id = repos.get(f"{name}:{tag}")
+        image_id = repos.get(_key(name, tag))
         if image_id is None:
             raise NotFound(f"no such image {ref!r}; labkit images lists them")
-        image = _load(f"{name}:{tag}", image_id)
+        image = _load(_key(name, tag), image_id)
         busy = _layers_in_use(image.layers)
         if busy:
             raise StateError(
                 f"image {ref!r} is in use: {busy[0]} is a lowerdir of a mounted overlay "
                 "or of a container that has not stopped"
             )
-        del repos[f"{name}:{tag}"]
+        del repos[_key(name, tag)]
         _write_atomic(_store() / "repositories.json", json.dumps(repos, indent=2, sort_keys=True).encode())
         if image_id in repos.values():
             return  # another tag still names this image
@@ -394,7 +408,7 @@ def format_table(imgs: Sequence[Image], now: float | None = None) -> str:
     now = time.time() if now is None else now
     rows = [("REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE")]
     rows += [
-        (i.name, i.tag, i.short_id, human_age(now - i.created) + " ago", human_size(i.size_bytes))
+        (i.name, "<none>" if i.tag.startswith("sha256:") else i.tag, i.short_id, human_age(now - i.created) + " ago", human_size(i.size_bytes))
         for i in imgs
     ]
     widths = [max(len(r[c]) for r in rows) for c in range(4)]
@@ -403,5 +417,5 @@ def format_table(imgs: Sequence[Image], now: float | None = None) -> str:
 
 __all__ = [
     "Image", "ImageConfig", "build_base", "create", "format_table", "get",
-    "human_age", "human_size", "import_layer", "list_images", "parse_ref", "remove",
+    "human_age", "human_size", "import_layer", "list_images", "parse_ref", "remove", "store_config", "tag",
 ]  # fmt: skip

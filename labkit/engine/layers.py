@@ -17,7 +17,11 @@ unpack a real image, and plain ``extractall`` follows them. ``unpack`` therefore
 creates every entry relative to a directory fd (openat(2), mkdirat(2),
 symlinkat(2), linkat(2)) reached with ``O_NOFOLLOW`` from the destination: no
 member can write outside it, whatever its name or the links before it.
-Device nodes are skipped (a container gets its /dev from the runtime).
+Device nodes are skipped (a container gets its /dev from the runtime). A whiteout
+must name a plain entry (``.wh..`` would hide the directory itself), and a hard link
+must point at a file written earlier in the same layer. Any member that breaks a rule,
+or a tar cut short, raises one ``InvalidValue``/``BadContent`` line naming the member;
+the caller (``images.import_layer``) then deletes the half-written directory.
 
 Layer: engine. Used by images (to store base images and, later, pulled layers).
 """
@@ -30,12 +34,13 @@ import os
 import shutil
 import stat
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from labkit.engine import safe
-from labkit.errors import InvalidValue
+from labkit.errors import BadContent, InvalidValue, LabkitError
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -86,6 +91,7 @@ class _Tree:
 
     def __init__(self, dest: Path) -> None:
         self.fds: dict[tuple[str, ...], int] = {(): os.open(dest, _DIR_FLAGS)}
+        self.last: str | None = None  # the member being written, for error messages
 
     def dir(self, parts: list[str] | tuple[str, ...], member: str) -> int:
         """The fd of directory ``parts``, making missing directories (mode 0755)."""
@@ -144,65 +150,101 @@ def unpack(source: BinaryIO | str | os.PathLike[str], dest: str | os.PathLike[st
             return unpack(f, dest)
     reader = _HashingReader(source)
     tree = _Tree(Path(dest))
+    try:
+        return _unpack(reader, tree)
+    except (tarfile.TarError, EOFError, zlib.error) as err:  # cut short, or not a (gzip) tar at all
+        raise BadContent(f"layer is not a valid tar{_after(tree.last)}: {err}") from None
+    except OSError as err:
+        if isinstance(err, LabkitError):
+            raise
+        raise BadContent(f"layer member {tree.last!r}: {err.strerror or err}") from None
+    finally:
+        tree.close()
+
+
+def _after(name: str | None) -> str:
+    return f" after member {name!r}" if name else ""
+
+
+def _whiteout_target(base: str, member: str) -> str:
+    """The name a whiteout ``.wh.NAME`` hides: a plain name, never '', '.' or '..'."""
+    hidden = base[len(WHITEOUT_PREFIX) :]
+    if hidden in ("", ".", ".."):
+        raise InvalidValue("layer member", member, "a whiteout .wh.NAME that names an entry of its directory")
+    return hidden
+
+
+def _hard_link(tree: _Tree, member: tarfile.TarInfo, parent: int, base: str) -> None:
+    """A hard link to an earlier file of this layer, found without following symlinks."""
+    target = _parts(member.linkname)
+    if not target:
+        raise InvalidValue("hard link", member.linkname, "a file inside the layer")
+    src_dir = tree.dir(target[:-1], member.linkname)
+    try:
+        os.link(target[-1], base, src_dir_fd=src_dir, dst_dir_fd=parent, follow_symlinks=False)
+    except (FileNotFoundError, PermissionError, IsADirectoryError):  # EPERM: a link to a directory
+        raise InvalidValue(
+            "layer member", member.name, f"a hard link to a file earlier in the layer (not {member.linkname!r})"
+        ) from None
+
+
+def _unpack(reader: _HashingReader, tree: _Tree) -> Unpacked:
     dir_times: list[tuple[tuple[str, ...], float]] = []
     entries = size = 0
     skipped: list[str] = []
-    try:
-        with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-            for member in tar:
-                parts = tuple(_parts(member.name))
-                if not parts:
-                    continue  # the archive's "./" itself: dest already exists
-                base = parts[-1]
-                parent = tree.dir(parts[:-1], member.name)
-                if base == OPAQUE_MARKER:
-                    os.setxattr(parent, OPAQUE_XATTR, b"y")
-                    continue
-                if base.startswith(WHITEOUT_PREFIX):
-                    hidden = parts[:-1] + (base[len(WHITEOUT_PREFIX) :],)
-                    tree.clear(parent, hidden, keep_dir=False)
-                    os.mknod(hidden[-1], stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=parent)
-                    continue
-                if member.isdev():
-                    skipped.append(member.name)
-                    continue
-                # A directory already there keeps its children (a later layer or a
-                # repeated entry only changes its metadata); anything else is replaced.
-                kept_dir = tree.clear(parent, parts, keep_dir=member.isdir())
-                entries += 1
-                if member.isdir():
-                    if not kept_dir:
-                        os.mkdir(base, 0o700, dir_fd=parent)
-                    fd = tree.dir(parts, member.name)
-                    os.chown(fd, member.uid, member.gid)
-                    os.chmod(fd, member.mode & 0o7777)
-                    dir_times.append((parts, member.mtime))
-                elif member.issym():
-                    # The target is stored as written, never resolved: it only means
-                    # something once the layer is the container's root.
-                    os.symlink(member.linkname, base, dir_fd=parent)
-                    os.chown(base, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
-                    os.utime(base, (member.mtime, member.mtime), dir_fd=parent, follow_symlinks=False)
-                elif member.islnk():
-                    target = _parts(member.linkname)
-                    if not target:
-                        raise InvalidValue("hard link", member.linkname, "a file inside the layer")
-                    src_dir = tree.dir(target[:-1], member.linkname)
-                    os.link(target[-1], base, src_dir_fd=src_dir, dst_dir_fd=parent, follow_symlinks=False)
-                elif member.isfifo():
-                    os.mkfifo(base, member.mode & 0o777, dir_fd=parent)
-                    os.chown(base, member.uid, member.gid, dir_fd=parent)
-                elif member.isreg():
-                    size += _write_file(tar, member, parent, base)
-                else:
-                    skipped.append(member.name)
-            reader.drain()
-        # Directory times last: creating their children changed them.
-        for parts, mtime in dir_times:
-            fd = tree.dir(parts, "/".join(parts))
-            os.utime(fd, (mtime, mtime))
-    finally:
-        tree.close()
+    with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
+        for member in tar:
+            tree.last = member.name
+            parts = tuple(_parts(member.name))
+            if not parts:
+                continue  # the archive's "./" itself: dest already exists
+            base = parts[-1]
+            parent = tree.dir(parts[:-1], member.name)
+            if base == OPAQUE_MARKER:
+                os.setxattr(parent, OPAQUE_XATTR, b"y")
+                continue
+            if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+                skipped.append(member.name)  # aufs's own bookkeeping (.wh..wh.plnk ...)
+                continue
+            if base.startswith(WHITEOUT_PREFIX):
+                hidden = parts[:-1] + (_whiteout_target(base, member.name),)
+                tree.clear(parent, hidden, keep_dir=False)
+                os.mknod(hidden[-1], stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=parent)
+                continue
+            if member.isdev():
+                skipped.append(member.name)
+                continue
+            # A directory already there keeps its children (a later layer or a
+            # repeated entry only changes its metadata); anything else is replaced.
+            kept_dir = tree.clear(parent, parts, keep_dir=member.isdir())
+            entries += 1
+            if member.isdir():
+                if not kept_dir:
+                    os.mkdir(base, 0o700, dir_fd=parent)
+                fd = tree.dir(parts, member.name)
+                os.chown(fd, member.uid, member.gid)
+                os.chmod(fd, member.mode & 0o7777)
+                dir_times.append((parts, member.mtime))
+            elif member.issym():
+                # The target is stored as written, never resolved: it only means
+                # something once the layer is the container's root.
+                os.symlink(member.linkname, base, dir_fd=parent)
+                os.chown(base, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
+                os.utime(base, (member.mtime, member.mtime), dir_fd=parent, follow_symlinks=False)
+            elif member.islnk():
+                _hard_link(tree, member, parent, base)
+            elif member.isfifo():
+                os.mkfifo(base, member.mode & 0o777, dir_fd=parent)
+                os.chown(base, member.uid, member.gid, dir_fd=parent)
+            elif member.isreg():
+                size += _write_file(tar, member, parent, base)
+            else:
+                skipped.append(member.name)
+        reader.drain()
+    # Directory times last: creating their children changed them.
+    for parts, mtime in dir_times:
+        fd = tree.dir(parts, "/".join(parts))
+        os.utime(fd, (mtime, mtime))
     return Unpacked("sha256:" + reader.sha.hexdigest(), entries, size, tuple(skipped))
 
 
