@@ -319,3 +319,24 @@ def test_hint_shows_the_idea_then_the_code(capsys):
         hints.hint("04.1", 3)
     with pytest.raises(ValueError, match="exercise id"):
         hints.hint("99.9")
+
+
+# --- every question has an answer in solutions/, none in the student copies ---------------
+
+
+def test_every_question_has_an_answer_that_the_student_copy_leaves_out():
+    for path in sorted((REPO / "solutions").glob("[0-9][0-9]-*.ipynb")):
+        solved = [notebooks._source(c) for c in notebooks.load(path)["cells"]]
+        student = [notebooks._source(c) for c in notebooks.load(REPO / "notebooks" / path.name)["cells"]]
+        asked = next(i for i, s in enumerate(solved) if "## Questions to think about" in s)
+        questions = re.findall(r"^\d+\. ", solved[asked].split("## Questions to think about")[1], re.M)
+        answers = solved[asked + 1]
+        assert answers.startswith("### Answers") and notebooks.BEGIN in answers, f"{path.name}: no answers after the questions"
+        assert len(re.findall(r"^\d+\. ", answers, re.M)) == len(questions), f"{path.name}: not one answer per question"
+        assert student[asked + 1] == "### Answers\n\n*Your answer here.*", f"{path.name}: {student[asked + 1][:80]!r}"
+        assert not any(notebooks.BEGIN in s or notebooks.END in s for s in student), path.name
+
+
+def test_blank_markdown_drops_the_answers_between_html_comment_markers():
+    text = "### Answers\n\n<!-- BEGIN SOLUTION -->\n1. the secret\n<!-- END SOLUTION -->\nafter"
+    assert notebooks.blank_markdown(text) == "### Answers\n\n*Your answer here.*\nafter"
