@@ -385,6 +385,7 @@ def timeseries(
         ax.axhline(limit, color="#b00020", ls="--", lw=1, label=limit_label)
     ax.set_xlabel("time (s)")
     ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)  # an amount: its axis starts at zero, so heights compare
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     return done(fig, path)
@@ -447,7 +448,7 @@ def spread_panels(
     fig, axes = figure(title, what, ncols=len(panels), size=(4.6 * len(panels), 4.6), grid=True)
     for ax, (ylabel, groups) in zip(axes[0], panels.items()):
         everything = []
-        for i, (label, values) in enumerate(groups.items()):
+        for i, values in enumerate(groups.values()):
             values = [float(v) for v in values]
             everything += values
             if not values:
