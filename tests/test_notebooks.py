@@ -9,6 +9,7 @@ cell that fails must be an exercise check or an exercise stub, and every check m
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -88,12 +89,12 @@ def test_generate_is_stable_and_clean(tmp_path):
 
 
 def test_check_passes_and_fails_with_a_short_hint(capsys):
-    checks.check("01.1", "one is one", lambda: len("a") == 1)
-    assert "exercise 01.1: one is one" in capsys.readouterr().out
+    checks.check("98.1", "one is one", lambda: len("a") == 1)  # ids without two-step hints
+    assert "exercise 98.1: one is one" in capsys.readouterr().out
     with pytest.raises(checks.ExerciseFailed) as info:
-        checks.check("01.2", "two is one", lambda: len("ab") == 1, hint="count again")
+        checks.check("98.2", "two is one", lambda: len("ab") == 1, hint="count again")
     lines = info.value._render_traceback_()
-    assert lines[0].startswith("\u2718 exercise 01.2: two is one") and lines[-1] == "  hint: count again"
+    assert lines[0].startswith("\u2718 exercise 98.2: two is one") and lines[-1] == "  hint: count again"
     assert info.value.outcome.status == "fail"
 
 
@@ -233,3 +234,109 @@ def test_a_labkit_error_in_a_cell_is_one_line_not_a_traceback():
     out = (r.stdout + r.stderr).strip()
     assert "InvalidValue: invalid memory limit '64XB'" in out, out
     assert "Traceback" not in out and "limits.py" not in out, out
+
+
+# --- hints in two steps: the idea first, the code only when asked --------------------------
+
+
+def _solution_lines(source: str) -> set[str]:
+    """The code lines of a cell's solution regions that would give the answer away."""
+    out, inside = set(), False
+    for line in source.splitlines():
+        if notebooks.BEGIN in line:
+            inside = True
+        elif notebooks.END in line:
+            inside = False
+        elif inside:
+            code = line.split("  #")[0].strip()
+            if len(code) >= 12 and not code.startswith("#") and code not in ("else:", "while True:"):
+                out.add(code)
+    return out
+
+
+def _leaks(lines: set[str], text: str) -> set[str]:
+    return {line for line in lines if line in text}
+
+
+def _exercise_cells() -> dict[str, tuple[str, str]]:
+    """exercise id -> (solution cell source, the same cell in the student copy)."""
+    out = {}
+    for path in sorted((REPO / "solutions").glob("[0-9][0-9]-*.ipynb")):
+        solved = notebooks.load(path)["cells"]
+        student = notebooks.load(REPO / "notebooks" / path.name)["cells"]
+        for cell, blank in zip(solved, student):
+            ids, _ = notebooks.exercise_ids(notebooks._source(cell))
+            if ids and notebooks.BEGIN in notebooks._source(cell):
+                out[next(iter(ids))] = (notebooks._source(cell), notebooks._source(blank))
+    return out
+
+
+def test_leak_detector_finds_a_solution_line():  # the test below can fail
+    lines = _solution_lines("# EXERCISE 09.1\n### BEGIN SOLUTION\nreturn os.stat(path).st_ino\n### END SOLUTION")
+    assert _leaks(lines, "HINT: return os.stat(path).st_ino") == {"return os.stat(path).st_ino"}
+    assert _leaks(lines, "read the inode of the link's target") == set()
+
+
+def test_every_exercise_has_two_step_hints_and_neither_stub_nor_step_1_is_the_answer():
+    from labkit.lab import hints
+
+    cells = _exercise_cells()
+    assert set(cells) == set(hints.HINTS), f"hints without exercise or exercise without hints: {set(cells) ^ set(hints.HINTS)}"
+    for exercise_id, (solved, student) in cells.items():
+        lines = _solution_lines(solved)
+        assert lines, exercise_id
+        h = hints.HINTS[exercise_id]
+        assert not _leaks(lines, h.look + h.idea + hints.text(exercise_id, 1)), f"{exercise_id}: step 1 gives the code"
+        assert not _leaks(lines, student), f"{exercise_id}: the student's stub gives the code"
+        assert f"look at: {h.look}" in student and f"hint({exercise_id!r}, 2)" in student, student
+        assert "# HINT:" not in solved, f"{exercise_id}: a '# HINT:' line in the solution (the stub would copy it)"
+        assert h.code.strip() and "hint 2 of 2" in hints.text(exercise_id, 2)
+
+
+def test_check_hints_are_not_the_answer_and_point_at_the_two_steps():
+    cells = _exercise_cells()
+    for path in sorted((REPO / "solutions").glob("[0-9][0-9]-*.ipynb")):
+        for cell in notebooks.load(path)["cells"]:
+            src = notebooks._source(cell)
+            _, checked = notebooks.exercise_ids(src)
+            for exercise_id in checked:
+                given = " ".join(re.findall(r"hint=\"([^\"]*)\"|hint='([^']*)'", src)[0]) if "hint=" in src else ""
+                assert not _leaks(_solution_lines(cells[exercise_id][0]), given), f"{exercise_id}: the check's hint is the code"
+    with pytest.raises(checks.ExerciseFailed) as info:
+        checks.check("04.1", "never", lambda: False, hint="think of peer groups")
+    assert info.value.outcome.hint == "think of peer groups; hint('04.1') explains the idea"
+
+
+def test_hint_shows_the_idea_then_the_code(capsys):
+    from labkit.lab import hints
+
+    hints.hint("04.1")
+    first = capsys.readouterr().out
+    assert "hint 1 of 2" in first and "mount_namespaces(7)" in first and "make_private" not in first
+    hints.hint("04.1", 2)
+    assert 'mounts.make_private("/")' in capsys.readouterr().out
+    with pytest.raises(ValueError, match="1 \\(the idea\\) or 2"):
+        hints.hint("04.1", 3)
+    with pytest.raises(ValueError, match="exercise id"):
+        hints.hint("99.9")
+
+
+# --- every question has an answer in solutions/, none in the student copies ---------------
+
+
+def test_every_question_has_an_answer_that_the_student_copy_leaves_out():
+    for path in sorted((REPO / "solutions").glob("[0-9][0-9]-*.ipynb")):
+        solved = [notebooks._source(c) for c in notebooks.load(path)["cells"]]
+        student = [notebooks._source(c) for c in notebooks.load(REPO / "notebooks" / path.name)["cells"]]
+        asked = next(i for i, s in enumerate(solved) if "## Questions to think about" in s)
+        questions = re.findall(r"^\d+\. ", solved[asked].split("## Questions to think about")[1], re.M)
+        answers = solved[asked + 1]
+        assert answers.startswith("### Answers") and notebooks.BEGIN in answers, f"{path.name}: no answers after the questions"
+        assert len(re.findall(r"^\d+\. ", answers, re.M)) == len(questions), f"{path.name}: not one answer per question"
+        assert student[asked + 1] == "### Answers\n\n*Your answer here.*", f"{path.name}: {student[asked + 1][:80]!r}"
+        assert not any(notebooks.BEGIN in s or notebooks.END in s for s in student), path.name
+
+
+def test_blank_markdown_drops_the_answers_between_html_comment_markers():
+    text = "### Answers\n\n<!-- BEGIN SOLUTION -->\n1. the secret\n<!-- END SOLUTION -->\nafter"
+    assert notebooks.blank_markdown(text) == "### Answers\n\n*Your answer here.*\nafter"

@@ -121,6 +121,7 @@ def _not_done(err: BaseException) -> bool:
 
 
 def _outcome_from_error(exercise_id: str, what: str, err: BaseException, hint: str) -> Outcome:
+    hint = _more(exercise_id, hint)
     if _not_done(err):
         detail = "not done yet" if isinstance(err, NotImplementedError) else f"not done yet ({err})"
         return Outcome(exercise_id, what, "todo", detail, hint)
@@ -144,7 +145,7 @@ def check(exercise_id: str, what: str, condition: Callable[[], Any], *, hint: st
         outcome = _outcome_from_error(exercise_id, what, err, hint)
     else:
         status = "pass" if result else "fail"
-        outcome = Outcome(exercise_id, what, status, "" if result else "it is not true yet", hint)
+        outcome = Outcome(exercise_id, what, status, "" if result else "it is not true yet", _more(exercise_id, hint))
     shown = _show(outcome)
     if outcome.status != "pass":
         raise ExerciseFailed(outcome, shown=shown)
@@ -180,10 +181,21 @@ def value_of(completed: Any) -> Any:
     raise AssertionError(f"in the child: {last}")
 
 
-def stub_message(exercise_id: str, hint: str = "") -> str:
-    """The message a student notebook's stub raises (make_notebooks writes it)."""
+def stub_message(exercise_id: str, look: str = "") -> str:
+    """The message a student notebook's stub raises (make_notebooks writes it): where to
+    look, never what to type."""
     msg = f"{STUB_PREFIX}{exercise_id} is not done yet: write your code here"
-    return f"{msg} (hint: {hint})" if hint else msg
+    return f"{msg} (look at: {look})" if look else msg
+
+
+def _more(exercise_id: str, hint: str) -> str:
+    """A check's hint, plus how to ask for the two-step hints when the exercise has them."""
+    from labkit.lab.hints import HINTS
+
+    if exercise_id not in HINTS:
+        return hint
+    more = f"hint({exercise_id!r}) explains the idea"
+    return f"{hint}; {more}" if hint else more
 
 
 def _render_stub(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None) -> Any:

@@ -7,11 +7,12 @@ marker lines, nbgrader's convention:
     ### BEGIN SOLUTION
     child = namespaces.run(["hostname"], new={"uts"}, hostname="box")
     ### END SOLUTION
-    # HINT: namespaces.run(..., new={"uts"}, hostname=...)
 
 ``generate()`` writes ``notebooks/NN-title.ipynb`` with each region replaced by a stub
-that raises ``NotImplementedError("exercise 02.1 is not done yet ... (hint: ...)")``
-(the hint is the cell's first ``# HINT:`` line), outputs and execution counts cleared.
+that raises ``NotImplementedError("exercise 02.1 is not done yet ... (look at: ...)")``,
+outputs and execution counts cleared. Where to look comes from labkit.lab.hints (whose
+``hint("02.1")`` and ``hint("02.1", 2)`` give the idea, then code); an exercise that
+has no entry there uses the cell's first ``# HINT:`` line instead.
 Regions between ``BEGIN HIDDEN TESTS`` and ``END HIDDEN TESTS`` are dropped. It also
 writes the navigation (previous / contents / next) as the first and last cell of every
 notebook, in solutions/ too so both agree, a contents page ``README.md`` in both
@@ -74,10 +75,17 @@ def exercise_ids(source: str) -> tuple[set[str], set[str]]:
 
 
 def _stub(exercise_id: str, indent: str, hints: list[str], first_hint: str) -> list[str]:
+    """The lines that replace a solution region. For an exercise with two-step hints in
+    labkit.lab.hints the message names only where to look, and a comment says how to
+    ask for the hints; the idea and the code stay out of the notebook's text."""
+    from labkit.lab import hints as two_step
     from labkit.lab.checks import stub_message
 
     out = [f"{indent}# YOUR CODE HERE\n"]
     out += [f"{indent}# HINT: {h}\n" for h in hints]
+    if exercise_id in two_step.HINTS:
+        first_hint = two_step.HINTS[exercise_id].look
+        out.append(f"{indent}# stuck? hint({exercise_id!r}) explains the idea, hint({exercise_id!r}, 2) shows code\n")
     out.append(f"{indent}raise NotImplementedError({stub_message(exercise_id, first_hint)!r})\n")
     return out
 

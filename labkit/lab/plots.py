@@ -1,7 +1,8 @@
 """Figures for the notebooks: each titled, axes labelled with units, and a footer.
 
 The footer says what was measured and where, e.g. "namespace inodes read from
-/proc/PID/ns | Linux 6.18, 2 CPUs, cgroup v1", so a figure saved from one machine
+/proc/PID/ns | Linux 6.18, 2 CPUs (AMD EPYC), x86_64, cgroup hybrid, host: a VM (kvm)",
+so a figure saved from one machine
 is never mistaken for another's. Every helper returns a matplotlib Figure that is
 already closed for pyplot: put it last in a cell and Jupyter draws it once.
 
@@ -13,6 +14,8 @@ Layer: lab. Used by the notebooks and bench/.
 
 from __future__ import annotations
 
+import functools
+import statistics
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -47,13 +50,54 @@ def cgroup_mode() -> str:
         return "hybrid" if (root / "unified").is_dir() else "v1"
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("AMD EPYC"), or the architecture."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "Model", "cpu model")):
+                    return line.partition(":")[2].strip() or os.uname().machine
+    except OSError:
+        pass
+    return os.uname().machine
+
+
+def virtualization() -> str:
+    """Is this host itself a VM? "kvm", "none", ... from systemd-detect-virt when it is
+    there; else the DMI vendor in /sys/class/dmi/id/sys_vendor and the CPU's
+    ``hypervisor`` flag (set by every hypervisor that tells its guests)."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("systemd-detect-virt")
+    if tool:
+        try:
+            out = subprocess.run([tool, "--vm"], capture_output=True, text=True, timeout=5, check=False).stdout.strip()
+            if out:
+                return "not a VM" if out == "none" else f"a VM ({out})"
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    try:
+        vendor = Path("/sys/class/dmi/id/sys_vendor").read_text().strip()
+    except OSError:
+        vendor = ""
+    try:
+        flagged = any(line.startswith("flags") and " hypervisor" in line for line in open("/proc/cpuinfo"))
+    except OSError:
+        flagged = False
+    if flagged:
+        return f"a VM ({vendor})" if vendor else "a VM (hypervisor CPU flag)"
+    return "not a VM"
+
+
+@functools.cache
 def machine() -> str:
-    """'Linux 6.18, 2 CPUs, cgroup v1': what a reader needs to compare numbers."""
+    """'Linux 6.18, 2 CPUs (AMD EPYC), x86_64, cgroup hybrid, host: a VM (kvm)': what a
+    reader needs to compare numbers. The cgroup mode is spelled as ``labkit doctor`` does."""
     u = os.uname()
     release = ".".join(u.release.split(".")[:2])
-    mode = cgroup_mode()
-    cg = "cgroup v1" if mode == "hybrid" else f"cgroup {mode}"
-    return f"{u.sysname} {release}, {os.cpu_count()} CPUs, {u.machine}, {cg}"
+    return (f"{u.sysname} {release}, {os.cpu_count()} CPUs ({cpu_model()}), {u.machine}, "
+            f"cgroup {cgroup_mode()}, host: {virtualization()}")
 
 
 def _pyplot() -> Any:
@@ -341,6 +385,7 @@ def timeseries(
         ax.axhline(limit, color="#b00020", ls="--", lw=1, label=limit_label)
     ax.set_xlabel("time (s)")
     ax.set_ylabel(ylabel)
+    ax.set_ylim(bottom=0)  # an amount: its axis starts at zero, so heights compare
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     return done(fig, path)
@@ -381,6 +426,47 @@ def bar_panels(
             ax.set_ylim(bottom=low / 3, top=top * 4)  # every bar visible; room for the labels
         else:
             ax.set_ylim(top=max(values or [1.0]) * 1.15)
+        ax.set_ylabel(ylabel + (" (log scale)" if log else ""))
+        ax.set_xlabel(xlabel or "what was measured")
+        ax.grid(axis="y", alpha=0.3, which="both" if log else "major")
+    return done(fig, path)
+
+
+# --- every measurement, with its median (01: process vs container vs VM) --------------------
+
+
+def spread_panels(
+    panels: Mapping[str, Mapping[str, Sequence[float]]], *, title: str, what: str, log: bool = False,
+    xlabel: str = "", path: str | os.PathLike | None = None,
+) -> Figure:
+    """One panel per measure: ``panels`` maps a y label with its unit to {label: [values]}.
+
+    Every value is drawn as a point (spread sideways a little so none hides another), the
+    median as a short bar across them, labelled with its value and n. No bars: a bar's
+    length means nothing on a log axis, and one number hides the spread."""
+    colours = [OWN, ACCENT, "#6a9f58", "#8c6bb1", SHARED]
+    fig, axes = figure(title, what, ncols=len(panels), size=(4.6 * len(panels), 4.6), grid=True)
+    for ax, (ylabel, groups) in zip(axes[0], panels.items()):
+        everything = []
+        for i, values in enumerate(groups.values()):
+            values = [float(v) for v in values]
+            everything += values
+            if not values:
+                continue
+            offsets = [((k * 0.618) % 1 - 0.5) * 0.3 for k in range(len(values))]  # a fixed, even spread
+            ax.scatter([i + o for o in offsets], values, s=18, color=colours[i % len(colours)], alpha=0.75,
+                       edgecolor="none", zorder=3)
+            mid = statistics.median(values)
+            ax.hlines(mid, i - 0.25, i + 0.25, color="#222222", lw=2, zorder=4)
+            ax.annotate(f"{mid:.3g}  (n={len(values)})", (i + 0.27, mid), fontsize=8, va="center")
+        ax.set_xticks(range(len(groups)), list(groups))
+        ax.set_xlim(-0.6, len(groups) - 0.1)
+        if log:
+            ax.set_yscale("log")
+            positive = [v for v in everything if v > 0] or [1.0]
+            ax.set_ylim(min(positive) / 3, max(positive) * 3)
+        else:
+            ax.set_ylim(bottom=0, top=max(everything or [1.0]) * 1.15)
         ax.set_ylabel(ylabel + (" (log scale)" if log else ""))
         ax.set_xlabel(xlabel or "what was measured")
         ax.grid(axis="y", alpha=0.3, which="both" if log else "major")
