@@ -24,10 +24,11 @@ PIDS = v1_or_v2("/sys/fs/cgroup/pids/", "/sys/fs/cgroup/")
 def mode(request):
     """Every test runs twice: each command in the labkit process, then each one handed to
     labkitd (client.py), which must give the same output and exit code."""
+    from labkit.cli.daemon import start as start_labkitd
     from labkit.engine import daemon
 
     if request.param == "labkitd":
-        daemon.start()
+        start_labkitd()
     yield request.param
     if daemon.running_pid():
         daemon.stop()
@@ -35,10 +36,10 @@ def mode(request):
 
 @pytest.fixture(autouse=True)
 def clean(mode):
-    from labkit.engine import daemon
+    from labkit.cli.daemon import start as start_labkitd
 
     if mode == "labkitd":
-        daemon.start()  # again if a test's `labkit cleanup` stopped it
+        start_labkitd()  # again if a test's `labkit cleanup` stopped it
     before = served_by_labkitd()
     yield
     if mode == "labkitd":

@@ -17,9 +17,9 @@ from bundles import bundle, busybox_rootfs, leftovers, until
 
 from labkit.errors import ExecFailed, InvalidValue, NotFound, StateError, Unsupported
 from labkit.kernel import namespaces as ns
-from labkit.runtime import container, execute, init
+from labkit.runtime import container, execute, init, shim
 from labkit.runtime.container import Stdio
-from labkit.runtime.init import parse_options, secure_join
+from labkit.runtime.filesystem import parse_options, secure_join
 from labkit.runtime.spec import Mount, Spec
 from labkit.runtime.state import Status
 
@@ -86,6 +86,8 @@ def test_spec_rejects_user_namespaces_and_missing_bind_sources():
         Spec.docker(["true"], namespaces=("mount", "user")).validate()
     with pytest.raises(NotFound, match="/no/such/dir"):
         Spec.docker(["true"], mounts=(Mount("/x", "bind", "/no/such/dir", ("rbind",)),)).validate()
+    with pytest.raises(InvalidValue, match="needs its own mount namespace"):  # before anything is created
+        Spec.docker(["true"], namespaces=("pid", "uts")).validate()
 
 
 def test_malformed_config_json_is_one_invalid_value(tmp_dir):
@@ -262,7 +264,7 @@ def test_create_gives_up_on_an_init_that_hangs(tmp_dir, clean, monkeypatch):
         return real_setup(ctx)
 
     monkeypatch.setattr(init, "setup", stalled)  # the forked init runs this copy
-    monkeypatch.setattr(container, "CREATE_TIMEOUT", 0.5)
+    monkeypatch.setattr(shim, "CREATE_TIMEOUT", 0.5)
     b = bundle(tmp_dir, ["true"])
     started = time.monotonic()
     with pytest.raises(StateError, match="gave no answer"):

@@ -23,6 +23,8 @@ import sys
 import time
 
 from labkit.errors import AlreadyExists, InvalidValue, LabkitError, NotFound
+from labkit.kernel import proc
+from labkit.runtime.status import ACTIVE, Status, check
 
 _NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 _ADJECTIVES = ["brave", "calm", "eager", "fond", "gentle", "happy", "jolly", "keen", "lucid", "merry", "nifty", "proud", "quiet", "sharp", "swift", "tender", "vivid", "witty", "zesty", "bold"]  # fmt: skip
@@ -277,7 +279,7 @@ def _run_foreground(container_id: str, spec, args, common) -> int:
             if master is not None:
                 from labkit.runtime import tty
 
-                tty.relay(master, lambda: container.load(container_id).status.value == "stopped")
+                tty.relay(master, lambda: container.load(container_id).status is Status.STOPPED)
             code = container.wait_shim(container_id)
         finally:
             for s, h in old.items():
@@ -301,7 +303,7 @@ def _run_foreground(container_id: str, spec, args, common) -> int:
 def cmd_ps(args: argparse.Namespace) -> int:
     from labkit.runtime import container
 
-    states = [s for s in container.list_states() if args.all or s.status.value in ("running", "paused", "created")]
+    states = [s for s in container.list_states() if args.all or s.status in ACTIVE]
     if args.quiet:
         for s in reversed(states):
             print(s.id[:12])
@@ -319,11 +321,11 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def _status(s, now: float) -> str:
-    if s.status.value == "running":
+    if s.status is Status.RUNNING:
         return f"Up {_ago(now - s.started)}"
-    if s.status.value == "paused":
+    if s.status is Status.PAUSED:
         return f"Up {_ago(now - s.started)} (Paused)"
-    if s.status.value == "stopped":
+    if s.status is Status.STOPPED:
         code = "?" if s.exit_code is None else s.exit_code
         when = f" {_ago(now - s.finished)} ago" if s.finished else ""
         return f"Exited ({code}){when}" + (" (OOM killed)" if s.oom_killed else "")
@@ -347,8 +349,6 @@ def cmd_exec(args: argparse.Namespace) -> int:
     cid = resolve(args.container)
     uid = gid = None
     if args.user:
-        from labkit.runtime.state import check
-
         state = container.load(cid)
         check("exec", cid, state.status)
         # the container's own view of its files: its rootfs overlay is mounted only in its
@@ -377,8 +377,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         os.close(master)
         if not exited:  # the usual way out: the pty closed before done() reaped the process
             exited.append(os.waitpid(pid, 0)[1])
-        code = os.waitstatus_to_exitcode(exited[0])
-        return 128 - code if code < 0 else code
+        return proc.exit_code(exited[0])
     null = os.open(os.devnull, os.O_RDONLY)
     try:
         stdio = container.Stdio(0 if args.interactive else null, 1, 2)
@@ -456,7 +455,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             continue
         s = container.load(cid)
         doc = s.to_json()
-        doc["State"] = {"Status": s.status.value, "Pid": s.pid if s.status.value != "stopped" else 0,
+        doc["State"] = {"Status": s.status.value, "Pid": s.pid if s.status is not Status.STOPPED else 0,
                         "ExitCode": s.exit_code, "OOMKilled": s.oom_killed}  # fmt: skip
         doc["Config"] = container.spec_of(cid).to_oci()
         doc["LogPath"] = str(container.log_path(cid))
@@ -477,7 +476,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from labkit.runtime import container
 
     ids = [resolve(r) for r in args.containers] or [s.id for s in container.list_states()
-                                                      if s.status.value in ("running", "paused")]  # fmt: skip
+                                                      if s.status in (Status.RUNNING, Status.PAUSED)]  # fmt: skip
     groups = {}
     for cid in ids:
         try:

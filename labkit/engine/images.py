@@ -51,7 +51,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from labkit import paths
-from labkit.engine import safe
+from labkit.kernel import safe
 
 # Unpacking tars and building base images (tarfile, debootstrap) is needed only when an
 # image is made; `labkit run` of an image already in the store loads neither module.

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from labkit.engine import safe
+from labkit.kernel import safe
 from labkit.errors import InvalidValue
 
 WHITEOUT_PREFIX = ".wh."

@@ -37,7 +37,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from labkit import paths
-from labkit.engine import safe
+from labkit.kernel import safe
 from labkit.errors import LabkitError, Unsupported, require_root
 
 Progress = Callable[[str], None]
