@@ -21,7 +21,7 @@ from labkit.runtime import container, execute, init, shim
 from labkit.runtime.container import Stdio
 from labkit.runtime.filesystem import parse_options, secure_join
 from labkit.runtime.spec import Mount, Spec
-from labkit.runtime.state import Status
+from labkit.runtime.status import Status
 
 
 @pytest.fixture

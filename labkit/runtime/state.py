@@ -25,7 +25,7 @@ from pathlib import Path
 from labkit import paths
 from labkit.kernel import cgroups, proc
 from labkit.runtime.spec import OCI_VERSION
-from labkit.runtime.status import Status, check  # noqa: F401 - check: where callers knew it
+from labkit.runtime.status import Status
 
 def container_dir(container_id: str) -> Path:
     """Live state: state.json, exec.fifo, the rootfs mount point."""
