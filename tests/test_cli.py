@@ -128,7 +128,7 @@ def test_detached_lifecycle_with_ps_logs_exec_pause_stop_rm():
     assert a.returncode != 0 and "paused" in a.stderr
     assert labkit("unpause", "web").returncode == 0
     stats = labkit("stats", "--no-stream", "web").stdout
-    assert "web" in stats and "MiB" in stats or "KiB" in stats
+    assert "web" in stats and ("MiB" in stats or "KiB" in stats)
     assert '"Status": "running"' in labkit("inspect", "web").stdout
     assert labkit("stop", "-t", "5", "web").returncode == 0
     assert "Exited (3)" in labkit("ps", "-a").stdout
