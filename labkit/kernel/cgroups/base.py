@@ -27,6 +27,7 @@ from signal import SIGKILL, SIGTERM
 from labkit import paths, poll
 from labkit.errors import CgroupError, InvalidValue, StateError
 
+from .detect import check_supported
 from .limits import Limits
 
 _NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
@@ -189,8 +190,6 @@ class Cgroup(abc.ABC):
         Everything is validated first; the kernel then applies each file on its own
         (lowering memory below what is in use makes the kernel reclaim or OOM-kill).
         """
-        from . import check_supported  # the factory knows what this machine offers
-
         parsed = Limits.parse(**limits)
         check_supported(parsed)
         self.apply(parsed)
