@@ -26,8 +26,10 @@ Three channels, all made before the fork, so each side only reads or writes an f
                                 waitpid(init)                   (the sync pipe is
                                 record the exit: stopped         close-on-exec: it closes)
 
-A failure in init sends ``error CODE MESSAGE`` instead of ``created`` and exits with
-CODE (127: command not found, 126: cannot execute, 1: anything else, as Docker's).
+On cgroup v1 init waits for no go byte, so its ``created`` may overtake the shim's
+``pid`` line: the caller reads until it has both. A failure in init sends
+``error CODE MESSAGE`` instead of ``created`` and exits with CODE (127: command not
+found, 126: cannot execute, 1: anything else, as Docker's).
 In the foreground without a terminal the caller is its own shim (``monitor_here``):
 the left and middle columns are one process, which knows init's pid without the line.
 

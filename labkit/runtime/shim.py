@@ -91,16 +91,19 @@ def launch(state: State, spec: Spec, root: str, cg, stdio: Stdio, *, detach: boo
     pid, shim_pid = (first, os.getpid()) if monitor_here else (0, 0 if detach else first)
     message = ""
     try:
+        # On v1 init waits for nobody, so its "created" may come before the shim's "pid"
+        # line: read until both are here (or the pipe closes).
         for line in handshake.lines(sync_r, time.monotonic() + CREATE_TIMEOUT):
             word, _, rest = line.partition(" ")
             if word == "pid":
                 pid, shim_pid = (int(x) for x in rest.split())
-            elif word in ("created", "error"):
+            elif word in ("created", "error") and not message:
                 message = rest if word == "error" else word
+            if message and pid:
                 break
     finally:
         os.close(sync_r)
-    if message == "created" and unsaved is None:
+    if message == "created" and pid and unsaved is None:
         return update(state.id, lambda s: s.replace(status=Status.CREATED, pid=pid, pid_start=proc.start_time(pid),
                                                     shim_pid=shim_pid) if allows("create", s.status) else s)  # fmt: skip
     # init failed (or never answered, or config.json is missing): it has exited or is
