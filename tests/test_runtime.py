@@ -310,3 +310,15 @@ def _child_of(pid, timeout=5.0):
 def _cgroups(pid):
     with open(f"/proc/{pid}/cgroup") as f:
         return sorted(line.split(":", 1)[1] for line in f)
+
+
+def test_the_transition_table_gives_the_result_or_a_clear_error():
+    from labkit.runtime import status
+
+    assert status.check("start", "c1", Status.CREATED) is Status.RUNNING
+    assert status.check("stop", "c1", Status.STOPPED) is Status.STOPPED  # stop has its row too
+    with pytest.raises(StateError, match=r"cannot pause container c1: it is created \(must be running\)"):
+        status.check("pause", "c1", Status.CREATED)
+    for verb, (allowed, result) in status.TRANSITIONS.items():
+        assert allowed and all(isinstance(s, Status) for s in allowed), verb
+        assert result is None or isinstance(result, Status), verb

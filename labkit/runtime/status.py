@@ -16,7 +16,6 @@ Layer: runtime. Used by container.py and shim.py (the lifecycle) and by the CLI.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 
 from labkit.errors import StateError
 
@@ -33,35 +32,29 @@ class Status(enum.Enum):
 ACTIVE = (Status.CREATED, Status.RUNNING, Status.PAUSED)
 
 
-@dataclass(frozen=True)
-class Transition:
-    allowed: tuple[Status, ...]  # the statuses the verb may start from
-    result: Status | None  # what the verb records; None: it records no status
-
-
-# verb -> allowed statuses -> resulting status
-TRANSITIONS: dict[str, Transition] = {
-    "create": Transition((Status.CREATING,), Status.CREATED),  # init has said "created"
-    "start": Transition((Status.CREATED,), Status.RUNNING),
-    "pause": Transition((Status.RUNNING,), Status.PAUSED),
-    "resume": Transition((Status.PAUSED,), Status.RUNNING),
-    "exit": Transition((Status.CREATING, *ACTIVE), Status.STOPPED),  # the monitor saw init end
-    "stop": Transition((*ACTIVE, Status.STOPPED), Status.STOPPED),  # SIGTERM, later SIGKILL
-    "kill": Transition(ACTIVE, None),  # the signal's effect, if any, is recorded as "exit"
-    "exec": Transition((Status.RUNNING,), None),  # one more process; the status stays
-    "delete": Transition((Status.CREATED, Status.STOPPED), None),  # the state goes with it
+# verb -> (the statuses it is allowed from, the status it records; None: it records none)
+TRANSITIONS: dict[str, tuple[tuple[Status, ...], Status | None]] = {
+    "create": ((Status.CREATING,), Status.CREATED),  # init has said "created"
+    "start": ((Status.CREATED,), Status.RUNNING),
+    "pause": ((Status.RUNNING,), Status.PAUSED),
+    "resume": ((Status.PAUSED,), Status.RUNNING),
+    "exit": ((Status.CREATING, *ACTIVE), Status.STOPPED),  # the monitor saw init end
+    "stop": ((*ACTIVE, Status.STOPPED), Status.STOPPED),  # SIGTERM, later SIGKILL
+    "kill": (ACTIVE, None),  # the signal's effect, if any, is recorded as "exit"
+    "exec": ((Status.RUNNING,), None),  # one more process; the status stays
+    "delete": ((Status.CREATED, Status.STOPPED), None),  # the state goes with it
 }
 
 
 def check(verb: str, container_id: str, status: Status) -> Status | None:
     """The status ``verb`` leads to from ``status``; StateError if it is not allowed there."""
-    row = TRANSITIONS[verb]
-    if status not in row.allowed:
-        names = " or ".join(s.value for s in row.allowed)
+    allowed, result = TRANSITIONS[verb]
+    if status not in allowed:
+        names = " or ".join(s.value for s in allowed)
         raise StateError(f"cannot {verb} container {container_id[:12]}: it is {status.value} (must be {names})")
-    return row.result
+    return result
 
 
 def allows(verb: str, status: Status) -> bool:
     """Whether ``verb`` may happen in ``status`` (to re-check under the state file's lock)."""
-    return status in TRANSITIONS[verb].allowed
+    return status in TRANSITIONS[verb][0]

@@ -31,8 +31,6 @@ from labkit.errors import InvalidValue, NotFound, require_root
 from .base import Cgroup, CgroupStats, IoStat, check_name
 from .detect import available_controllers, check_supported, mode, v1_bases, v2_base, version
 from .limits import DeviceRate, Limits, shares_to_weight, weight_to_shares
-from .v1 import V1Cgroup
-from .v2 import V2Cgroup
 from .watch import Sample, record
 
 __all__ = [
@@ -43,8 +41,14 @@ __all__ = [
 
 
 def _impl() -> type[Cgroup]:
-    """The Cgroup class for this machine's version."""
-    return V2Cgroup if version() == 2 else V1Cgroup
+    """The Cgroup class for this machine's version: the factory loads only that one."""
+    if version() == 2:
+        from .v2 import V2Cgroup
+
+        return V2Cgroup
+    from .v1 import V1Cgroup
+
+    return V1Cgroup
 
 
 _check_supported = check_supported  # the name older callers use
