@@ -45,7 +45,7 @@ def run_root() -> Path:
 
 
 def daemon_socket() -> Path:
-    """labkitd's Unix socket (labkit/cli/client.py spells the same rule without pathlib)."""
+    """labkitd's Unix socket (labkit/engine/protocol.py spells the same rule without pathlib, for the client)."""
     return run_root() / "labkitd.sock"
 
 

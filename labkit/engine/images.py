@@ -50,12 +50,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from labkit import paths
-from labkit.engine import safe
 
 # Unpacking tars and building base images (tarfile, debootstrap) is needed only when an
 # image is made; `labkit run` of an image already in the store loads neither module.
-# Nor hashlib, tempfile or typing (~7 ms of imports): they are imported where used.
+# Nor hashlib, tempfile or typing: they are imported where used.
 from labkit.errors import LabkitError, NotFound, StateError
+from labkit.kernel import safe
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
@@ -350,11 +350,11 @@ def _layers_in_use(layer_dirs: list[Path]) -> list[Path]:
     the container's own mount namespace, so our mountinfo never lists that one."""
     from labkit.kernel import mounts
     from labkit.runtime import container
-    from labkit.runtime.state import Status
+    from labkit.runtime.status import Status
 
     overlays = [m.super_options for m in mounts.mountinfo() if m.fstype == "overlay"]
     for state in container.list_states():
-        if state.status != Status.STOPPED:
+        if state.status is not Status.STOPPED:
             try:
                 overlays.append(":".join(container.spec_of(state.id).layers))
             except LabkitError:  # removed meanwhile

@@ -17,7 +17,9 @@ labkit names every kernel object it creates so that it can be found again after 
 
 Images stay, and so does the download cache (/var/cache/labkit). Running it twice is safe: the second run finds nothing.
 
-Layer: lab. Uses the kernel layer only.
+Layer: lab. Uses the kernel layer (mounts, cgroups, safe), the engine's daemon (to stop
+labkitd) and the lab's VM module (stray qemu processes); pyroute2 only when there are
+links to remove, since it is slow to import.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import time
 from pathlib import Path
 
 from labkit import paths
-from labkit.errors import require_root
-from labkit.kernel import mounts
+from labkit.engine import daemon
+from labkit.errors import NotFound, require_root
+from labkit.kernel import cgroups, mounts, safe
+from labkit.lab.vm.strays import kill_stray_vms
 
 LOOP_CLR_FD = 0x4C01
 
@@ -39,15 +43,11 @@ LOOP_CLR_FD = 0x4C01
 def _gone(err: Exception) -> bool:
     """A cgroup may vanish while we walk the tree: a container's shim removes its own
     group once the container has exited. That is not an error for cleanup."""
-    from labkit.errors import NotFound
-
     return isinstance(err, NotFound) or getattr(err, "errno", None) in (errno.ENOENT, errno.ENODEV)
 
 
 def _each_cgroup(action) -> list[str]:
     """Run ``action(cgroup)`` on every labkit cgroup, deepest first; collect its lines."""
-    from labkit.kernel import cgroups
-
     done = []
     for name in sorted(cgroups.list_all(), key=lambda n: n.count("/"), reverse=True):
         try:
@@ -77,8 +77,6 @@ def _remove(cg) -> str:
 def _kill_vms() -> list[str]:
     """qemu processes named labkit-vm-<launcher pid>-... whose launcher is gone. A VM
     whose launcher still runs is in use (a test, a notebook cell) and stays."""
-    from labkit.lab.vm import kill_stray_vms
-
     return [f"killed VM process {pid}" for pid in kill_stray_vms()]
 
 
@@ -122,8 +120,6 @@ def _remove_containers() -> list[str]:
     """Container directories (their upper layers, logs, bundles): with the live state gone
     they belong to no container any more. Deleted without following a symlink or
     crossing a mount, so a bind mount of a host directory cannot lose a file."""
-    from labkit.engine import safe
-
     top = paths.containers_dir()
     if not top.is_dir():
         return []
@@ -135,8 +131,6 @@ def _remove_containers() -> list[str]:
 
 
 def _stop_daemon() -> list[str]:
-    from labkit.engine import daemon
-
     if daemon.running_pid() is None:
         return []
     return [f"stopped labkitd (pid {daemon.stop()})"]
