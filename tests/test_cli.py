@@ -165,7 +165,10 @@ def test_fork_loop_stops_at_pids_limit():
     (["--memory-swap", "1g"], "invalid memory_swap limit '1g'"),
     (["-v", "/no/such/host/dir:/x"], "'/no/such/host/dir' does not exist"),
     (["-v", "relative:/x"], "invalid volume"),
-    (["--network", "bridge"], "invalid network 'bridge'"),
+    (["--network", "nosuch"], "no such network: nosuch"),
+    (["-p", "70000:80"], "invalid published port '70000:80'"),
+    (["-p", "abc"], "invalid published port 'abc'"),
+    (["--network", "none", "-p", "8080:80"], "--network none has no ports"),
     (["--cap-add", "FLY"], "invalid capability 'FLY'"),
     (["-u", "nobodyhere"], "invalid user"),
 ])  # fmt: skip

@@ -33,7 +33,7 @@ from labkit.engine import protocol
 # The commands labkitd runs: the container commands. doctor, cleanup, vm and daemon
 # itself always run in the caller's own process.
 SERVED = frozenset({"run", "ps", "exec", "logs", "stop", "kill", "rm", "pause", "unpause", "stats",
-                    "inspect", "images", "runtime"})  # fmt: skip
+                    "inspect", "images", "runtime", "port", "network"})  # fmt: skip
 FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
 
 

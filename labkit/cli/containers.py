@@ -5,9 +5,11 @@ Each command turns its flags into a runtime call: ``run`` builds a Spec from the
 config and the flags (runflags.py, Docker's defaults otherwise), creates and starts the
 container, and, in the foreground, exits with the container's exit code.
 
-Networking: ``--network none`` (the default here) gives the container a new network
-namespace with only ``lo`` up; ``--network host`` leaves it in the host's. Docker's
-default is a bridge with NAT, which notebook 08 builds by hand.
+Networking, as Docker's: ``--network bridge`` (the default) puts the container on
+labkit0 with an address, NAT and the ``-p`` ports; ``none`` gives it a namespace with
+only ``lo``; ``host`` leaves it in the host's; ``container:NAME`` joins another's.
+labkit.engine.endpoints makes all of it before the container is created, and releases
+it when the container is removed (``container.POSTSTOP``).
 
 Layer: the CLI (the docker client). Calls labkit.runtime and labkit.engine.images.
 """
@@ -77,7 +79,10 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
         p.add_argument("--cap-add", action="append", default=[], help="add a capability (or ALL)")
         p.add_argument("--cap-drop", action="append", default=[], help="drop a capability (or ALL)")
-        p.add_argument("--network", "--net", default="none", help="none (default: only lo) or host")
+        p.add_argument("--network", "--net", default="bridge",
+                       help="bridge (default), none (only lo), host, container:NAME or a network's name")
+        p.add_argument("-p", "--publish", action="append", default=[], help="[IP:]HOST:CONTAINER[/tcp|udp]")
+        p.add_argument("-P", "--publish-all", action="store_true", help="publish the image's exposed ports")
         p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
         p.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
         p.add_argument("image")
@@ -105,7 +110,7 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
     elif command == "stats":
         p.add_argument("--no-stream", action="store_true", help="print one sample and exit")
         p.add_argument("containers", nargs="*")
-    elif command in ("logs",):
+    elif command in ("logs", "port"):
         p.add_argument("container")
     elif command in ("pause", "unpause", "inspect"):
         p.add_argument("containers", nargs="+")
@@ -169,8 +174,61 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise AlreadyExists(f"container name {args.name!r} is already in use (labkit rm {args.name})")
     container_id = os.urandom(32).hex()
     spec, image = runflags.build_spec(args, container_id)
+    wanted = runflags.published(args, image)
     name = args.name or _new_name(taken)
     common = {"name": name, "image": image.ref, "auto_remove": args.rm}
+    spec = _connect(container_id, name, spec, args.network, wanted)
+    try:
+        return _create_and_start(container_id, spec, args, common)
+    except BaseException:
+        from labkit.engine import endpoints
+        from labkit.runtime.state import container_dir
+
+        if not container_dir(container_id).exists():  # create failed early: nothing else releases it
+            endpoints.release(container_id)
+        raise
+
+
+def _network_hooks() -> None:
+    """Have every delete in this process (and its shims) release the container's network."""
+    from labkit.runtime import container
+
+    if _release_network not in container.POSTSTOP:
+        container.POSTSTOP.append(_release_network)
+
+
+def _release_network(container_id: str) -> None:
+    from labkit import paths
+
+    if (paths.endpoints_dir() / f"{container_id}.json").exists():  # no import when there is none
+        from labkit.engine import endpoints
+
+        endpoints.release(container_id)
+
+
+def _connect(container_id: str, name: str, spec, mode: str, wanted: list):
+    """The container's network (endpoints.connect), and the spec that joins it."""
+    from labkit.engine import endpoints
+    from labkit.runtime import container
+
+    peer = None
+    if mode.startswith("container:"):
+        state = container.load(resolve(mode[len("container:"):]))
+        check("exec", state.id, state.status)  # it must be running: we join its namespace
+        peer = (state.id, state.pid)
+    _network_hooks()
+    att = endpoints.connect(container_id, name, spec.hostname, mode, wanted, peer)
+    try:
+        return spec.replace(namespace_paths=spec.namespace_paths + att.join,
+                            mounts=spec.mounts + att.mounts).validate()
+    except BaseException:
+        endpoints.release(container_id)
+        raise
+
+
+def _create_and_start(container_id: str, spec, args, common) -> int:
+    from labkit.runtime import container
+
     if args.detach:
         master = slave = None
         if args.tty:
@@ -250,16 +308,29 @@ def cmd_ps(args: argparse.Namespace) -> int:
         for s in reversed(states):
             print(s.id[:12])
         return 0
-    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES")]
+    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES")]
     now = time.time()
     for s in reversed(states):  # newest first, as docker ps
         command = " ".join(s.command)
         command = json.dumps(command if len(command) <= 20 else command[:19] + "…", ensure_ascii=False)
-        rows.append((s.id[:12], s.image or "-", command, _ago(now - s.created) + " ago", _status(s, now), s.name))
+        rows.append((s.id[:12], s.image or "-", command, _ago(now - s.created) + " ago", _status(s, now),
+                     _ports(s.id), s.name))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return 0
+
+
+def _ports(container_id: str) -> str:
+    """docker ps's PORTS: ``0.0.0.0:8080->80/tcp, ...`` (read from the lease, if any)."""
+    from labkit import paths
+
+    lease = paths.endpoints_dir() / f"{container_id}.json"
+    if not lease.exists():
+        return ""
+    from labkit.engine import endpoints
+
+    return ", ".join(str(p) for p in endpoints.ports_of(container_id))
 
 
 def _status(s, now: float) -> str:
@@ -364,7 +435,17 @@ def parse_signal(text: str) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     from labkit.runtime import container
 
+    _network_hooks()
     return _each(args.containers, lambda cid: container.delete(cid, force=args.force))
+
+
+def cmd_port(args: argparse.Namespace) -> int:
+    """``docker port NAME``: ``80/tcp -> 0.0.0.0:8080``, one line per published port."""
+    from labkit.engine import endpoints
+
+    for p in endpoints.ports_of(resolve(args.container)):
+        print(f"{p.container_port}/{p.proto} -> {p.host_ip}:{p.host_port}")
+    return 0
 
 
 def cmd_pause(args: argparse.Namespace) -> int:

@@ -24,8 +24,7 @@ def build_spec(args: argparse.Namespace, container_id: str):
     """The Spec for `labkit run`'s flags, and the image; everything is checked."""
     limits = Limits.parse(memory=args.memory, memory_swap=args.memory_swap, cpus=args.cpus,
                           cpu_shares=args.cpu_shares, pids=args.pids_limit)  # fmt: skip
-    if args.network not in ("none", "host"):
-        raise InvalidValue("network", args.network, "none or host (a bridge is built in notebook 08)")
+    mode = network_mode(args.network)
     volumes = [_volume(v) for v in args.volume]
     caps = _capabilities(args.cap_add, args.cap_drop)
     image = images.get(args.image)
@@ -43,7 +42,8 @@ def build_spec(args: argparse.Namespace, container_id: str):
         env.setdefault("TERM", "TERM=xterm")
     env.setdefault("HOSTNAME", f"HOSTNAME={args.hostname or container_id[:12]}")
     uid, gid = user_ids(args.user or cfg.user, image.layers)
-    namespaces = tuple(n for n in ("mount", "network", "uts", "pid", "ipc") if not (n == "network" and args.network == "host"))
+    # a network namespace of its own only with --network none: the others join one (or the host's)
+    namespaces = tuple(n for n in ("mount", "network", "uts", "pid", "ipc") if n != "network" or mode == "none")
     lib = st.data_dir(container_id)
     mounts = docker_mounts() + tuple(Mount(dst, "bind", src, ("rbind", "ro" if ro else "rw")) for src, dst, ro in volumes)
     return Spec(
@@ -53,6 +53,29 @@ def build_spec(args: argparse.Namespace, container_id: str):
         work=str(lib / "work"), mounts=mounts, namespaces=namespaces, limits=limits if limits.given() else None,
         capabilities=caps, terminal=args.tty,
     ).validate(), image  # fmt: skip
+
+
+def network_mode(text: str) -> str:
+    """``--network``: bridge, none, host, container:NAME or a user-defined network's
+    name; checked now (a network that does not exist is one line, nothing made)."""
+    from labkit.engine import networks
+
+    if text.startswith("container:"):
+        if not text[len("container:"):]:
+            raise InvalidValue("network", text, "container:NAME, naming a running container")
+        return text
+    networks.get(text)  # NotFound: "no such network"
+    return text
+
+
+def published(args: argparse.Namespace, image) -> list:
+    """``-p`` and ``-P`` -> port mappings (host port 0 where one is to be chosen)."""
+    from labkit.engine import ports
+
+    wanted = [m for p in args.publish for m in ports.parse(p)]
+    if args.publish_all:
+        wanted += ports.exposed(image.config.exposed_ports)
+    return wanted
 
 
 def _volume(text: str) -> tuple[str, str, bool]:

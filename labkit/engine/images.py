@@ -77,16 +77,21 @@ class ImageConfig:
     entrypoint: list[str] = field(default_factory=list)
     working_dir: str = "/"
     user: str = ""
+    exposed_ports: list[str] = field(default_factory=list)  # "80/tcp": what -P publishes
 
     def to_oci(self) -> dict:
-        return {"Env": self.env, "Cmd": self.cmd, "Entrypoint": self.entrypoint or None,
-                "WorkingDir": self.working_dir, "User": self.user}  # fmt: skip
+        doc = {"Env": self.env, "Cmd": self.cmd, "Entrypoint": self.entrypoint or None,
+               "WorkingDir": self.working_dir, "User": self.user}  # fmt: skip
+        if self.exposed_ports:
+            doc["ExposedPorts"] = {p: {} for p in self.exposed_ports}
+        return doc
 
     @classmethod
     def from_oci(cls, doc: dict) -> ImageConfig:
         return cls(env=list(doc.get("Env") or []), cmd=list(doc.get("Cmd") or []),
                    entrypoint=list(doc.get("Entrypoint") or []),
-                   working_dir=doc.get("WorkingDir") or "/", user=doc.get("User") or "")  # fmt: skip
+                   working_dir=doc.get("WorkingDir") or "/", user=doc.get("User") or "",
+                   exposed_ports=sorted(doc.get("ExposedPorts") or {}))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ labkit names every kernel object it creates so that it can be found again after 
    the service starts a fresh one), everything in a cgroup below a ``labkit`` parent,
    and qemu VMs named ``labkit-vm-*`` whose launching process has gone;
 2. mounts: everything mounted below the state roots (/var/lib/labkit, /run/labkit);
-3. links whose name starts with ``lk``, network namespaces named ``labkit-*`` (bind
+3. links whose name starts with ``lk`` (and the default bridge ``labkit0``), network namespaces named ``labkit-*`` (bind
    mounts under the run root, symlinked from /run/netns, or bind mounts in /run/netns)
    and labkit's nftables tables (``labkit``, ``labkit-*``);
 4. loop devices whose backing file lies below a state root;
@@ -88,6 +88,16 @@ def _unmount_roots() -> list[str]:
     return done
 
 
+def _release_leases() -> list[str]:
+    """Undo every network lease of this state root (engine/endpoints.py): its rules,
+    veth and namespace, named in the lease that was written before any of them."""
+    from labkit.engine import endpoints
+
+    d = paths.endpoints_dir()
+    leases = sorted(f.stem for f in d.glob("*.json")) if d.is_dir() else []
+    return [f"released the network of container {cid[:12]}" for cid in leases if endpoints.release(cid)]
+
+
 def _remove_network(netns_prefix: str = paths.NETNS_PREFIX, link_prefix: str = paths.LINK_PREFIX,
                     table_prefix: str = paths.NFT_TABLE) -> list[str]:
     """Host links named lk*, network namespaces named labkit-* (in /run/netns and under the
@@ -95,7 +105,12 @@ def _remove_network(netns_prefix: str = paths.NETNS_PREFIX, link_prefix: str = p
     prefixes to their own objects."""
     from labkit.kernel import network  # cheap: pyroute2 loads only if there is a link to delete
 
-    return network.remove_all(netns_prefix, link_prefix, table_prefix)
+    done = network.remove_all(netns_prefix, link_prefix, table_prefix)
+    bridge = paths.bridge_name()  # labkit0, the one name outside lk*, and only for the default root
+    if link_prefix == paths.LINK_PREFIX and not bridge.startswith(link_prefix) and Path(f"/sys/class/net/{bridge}").exists():
+        network.delete(bridge)
+        done.append(f"removed link {bridge}")
+    return done
 
 
 def _detach_loops() -> list[str]:
@@ -152,7 +167,7 @@ def cleanup() -> list[str]:
     done = _stop_daemon() + _each_cgroup(_kill) + _kill_vms()
     if done:
         time.sleep(0.05)  # let the killed processes exit before unmounting their roots
-    steps = (_unmount_roots, _remove_network, _detach_loops, lambda: _each_cgroup(_remove),
+    steps = (_unmount_roots, _release_leases, _remove_network, _detach_loops, lambda: _each_cgroup(_remove),
              _remove_run_state, _remove_containers)
     for step in steps:
         done += step()

@@ -23,6 +23,7 @@ import os
 import re
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from labkit import paths, poll
@@ -35,8 +36,12 @@ from labkit.runtime.status import Status, allows, check
 from labkit.runtime.stdio import Stdio
 
 __all__ = ["Stdio", "create", "start", "run", "wait", "wait_shim", "kill", "stop", "pause", "resume", "delete",
-           "load", "list_states", "spec_of", "log_path", "ids", "cgroup_name"]  # fmt: skip
+           "load", "list_states", "spec_of", "log_path", "ids", "cgroup_name", "POSTSTOP"]  # fmt: skip
 
+# Called with the container's id once its directories are gone (at delete, and when a
+# create fails): the engine releases the container's network here. The in-process form
+# of OCI's poststop hooks, which runc runs as programs; a list the layers above fill in.
+POSTSTOP: list[Callable[[str], None]] = []
 START_TIMEOUT = 10.0  # seconds `start` waits for init to reach the fifo
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
@@ -261,6 +266,8 @@ def _remove_dirs(container_id: str, cg) -> None:
     for d, within in ((container_dir(container_id), paths.run_root()), (data_dir(container_id), paths.lib_root())):
         if d.exists():
             safe.remove_tree(d, within=within)
+    for hook in POSTSTOP:
+        hook(container_id)
 
 
 # -- state --------------------------------------------------------------------------------
