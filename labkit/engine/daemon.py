@@ -64,6 +64,8 @@ PRELOAD = (
     "labkit.engine.images", "labkit.engine.rootfs", "labkit.engine.layers", "labkit.kernel.safe",
     "labkit.kernel.cgroups", "labkit.kernel.cgroups.v1", "labkit.kernel.cgroups.v2", "labkit.kernel.overlay",
     "labkit.kernel.namespaces", "labkit.kernel.security", "labkit.kernel.mounts", "json", "argparse",
+    # the default network: endpoints, pyroute2's IPRoute (slow to import), libnftables' wrapper
+    "labkit.engine.endpoints", "labkit.engine.networks", "labkit.kernel.network", "pyroute2.iproute.linux",
 )  # fmt: skip
 
 
