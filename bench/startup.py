@@ -104,13 +104,14 @@ def main() -> int:
             doc["linux"]["resources"] = {"memory": {"limit": 64 << 20}, "pids": {"limit": 50}}
 
         edit_config(b, limits)
+        from labkit.cli.daemon import start as start_labkitd
         from labkit.engine import daemon
 
         # warm up: build the busybox image, fill the bytecode cache
         subprocess.run([*LABKIT, "run", "--rm", "busybox", "true"], check=True, capture_output=True, env=COLD)
         subprocess.run([*LABKIT, "runtime", "run", "--bundle", str(b), "bench-warm"], check=True, capture_output=True,
                        env=COLD)  # fmt: skip
-        daemon_pid = daemon.start()
+        daemon_pid = start_labkitd()
         runs = {
             "runc run": ([runc, "run", "--bundle", str(b), "bench-rc{i}"], None),
             "labkit runtime run": ([*LABKIT, "runtime", "run", "--bundle", str(b), "bench-lk{i}"], None),

@@ -23,6 +23,7 @@ CGROUP_PARENT = "labkit"  # every cgroup labkit makes sits below a cgroup of thi
 NETNS_PREFIX = "labkit-"  # named network namespaces: run_root()/netns/labkit-*, /run/netns/labkit-*
 LINK_PREFIX = "lk"  # network links: lkbr0, lkh1a2b...
 NFT_TABLE = "labkit"  # labkit's one nftables table: `table ip labkit` (tests use labkit-*)
+DEFAULT_BRIDGE = "labkit0"  # the default network's bridge (Docker's docker0); cleanup removes it too
 IP_NETNS_DIR = Path("/run/netns")  # where ip(8) looks for named network namespaces
 VM_NAME_PREFIX = "labkit-vm"  # qemu's -name, so cleanup can find our VMs
 
@@ -45,7 +46,7 @@ def run_root() -> Path:
 
 
 def daemon_socket() -> Path:
-    """labkitd's Unix socket (labkit/cli/client.py spells the same rule without pathlib)."""
+    """labkitd's Unix socket (labkit/engine/protocol.py spells the same rule without pathlib, for the client)."""
     return run_root() / "labkitd.sock"
 
 
@@ -65,6 +66,39 @@ def mounts_dir() -> Path:
 def netns_dir() -> Path:
     """Network namespaces kept alive by a bind mount of their nsfs file, one per name."""
     return run_root() / "netns"
+
+
+def networks_dir() -> Path:
+    """Network definitions (``NAME.json``): kept, like images, until ``labkit network rm``."""
+    return lib_root() / "networks"
+
+
+def endpoints_dir() -> Path:
+    """Leases: one file per container on a network (address, ports, its kernel objects),
+    and the lock every allocation takes. Live state: ``labkit cleanup`` and a reboot drop it."""
+    return run_root() / "networks"
+
+
+def _root_tag() -> str:
+    """Six hex digits naming this state root, so two roots never share a bridge or a table."""
+    import hashlib
+
+    return hashlib.sha256(str(_env_root()).encode()).hexdigest()[:6]
+
+
+def bridge_name(network: str = "bridge") -> str:
+    """The Linux bridge of a network: ``labkit0`` for the default network of the default
+    root (Docker's ``docker0``); ``lk`` + a hash otherwise, so cleanup finds them all."""
+    if network == "bridge" and _env_root() is None:
+        return DEFAULT_BRIDGE
+    import hashlib
+
+    return LINK_PREFIX + hashlib.sha256(f"{_env_root()}/{network}".encode()).hexdigest()[:11]
+
+
+def nft_table() -> str:
+    """labkit's nftables table for this root: ``labkit``, or ``labkit-<hash>`` under LABKIT_ROOT."""
+    return NFT_TABLE if _env_root() is None else f"{NFT_TABLE}-r{_root_tag()}"
 
 
 def cache_root() -> Path:

@@ -62,6 +62,8 @@ def leftovers() -> list[str]:
     for d in (paths.run_root() / "containers", paths.containers_dir()):
         if d.is_dir():
             found += [str(p) for p in d.iterdir()]
+    if paths.endpoints_dir().is_dir():  # network leases and their /etc files
+        found += [str(p) for p in paths.endpoints_dir().iterdir() if p.name != "lock"]
     # only the ids these tests make (other suites may run containers/ groups of their own)
     found += [f"cgroup {n}" for n in cgroups.list_all() if re.fullmatch(r"containers/([0-9a-f]{64}|rt\d+)", n)]
     # shims of this session only: another test run on the machine has its own LABKIT_ROOT

@@ -25,13 +25,20 @@ def pytest_collection_modifyitems(config, items):
     items[:] = rest + last
 
 
+def remove_unless_mounted(path: Path) -> bool:
+    """Remove the tree ``path`` unless something is mounted at or below it (rmtree would
+    follow the mount into another filesystem); whether it was removed."""
+    if not path.exists():
+        return False
+    with open("/proc/self/mountinfo") as f:
+        busy = any(f" {path} " in line or f" {path}/" in line for line in f)
+    if not busy:
+        shutil.rmtree(path, ignore_errors=True)
+    return not busy
+
+
 def pytest_sessionfinish(session, exitstatus):
-    if _SESSION_ROOT.exists() and not any(_SESSION_ROOT.rglob("*")) or True:
-        # only remove it when nothing is mounted below it (never follow a mount)
-        with open("/proc/self/mountinfo") as f:
-            busy = any(str(_SESSION_ROOT) in line for line in f)
-        if not busy:
-            shutil.rmtree(_SESSION_ROOT, ignore_errors=True)
+    remove_unless_mounted(_SESSION_ROOT)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -61,7 +68,4 @@ def tmp_dir():
     """A fresh directory under the session's state root (cleaned by the test that uses it)."""
     d = Path(tempfile.mkdtemp(prefix="t-", dir=_SESSION_ROOT))
     yield d
-    with open("/proc/self/mountinfo") as f:
-        busy = any(str(d) in line for line in f)
-    if not busy:
-        shutil.rmtree(d, ignore_errors=True)
+    remove_unless_mounted(d)

@@ -88,10 +88,36 @@ def test_cleanup_removes_labkit_mounts_and_is_safe_twice(tmp_dir):
     target = paths.run_root() / "mnt" / "demo"
     target.mkdir(parents=True)
     syscalls.mount("tmpfs", target, "tmpfs", 0)
-    outside = tmp_dir.parent.parent / "not-labkit-cleanup-probe"  # not below a state root
-    first = cleanup.cleanup()
-    assert f"unmounted {target}" in first
-    assert not mounts.is_mountpoint(target)
-    assert not paths.run_root().exists()
-    assert cleanup.cleanup() == []
-    assert not outside.exists()
+    outside = tmp_dir / "not-labkit"  # a mount and a file that are not below a state root
+    outside.mkdir()
+    syscalls.mount("tmpfs", outside, "tmpfs", 0)
+    (outside / "keep").write_text("mine")
+    try:
+        first = cleanup.cleanup()
+        assert f"unmounted {target}" in first
+        assert not mounts.is_mountpoint(target)
+        assert not paths.run_root().exists()
+        assert cleanup.cleanup() == []
+        assert mounts.is_mountpoint(outside) and (outside / "keep").read_text() == "mine"  # left alone
+    finally:
+        if mounts.is_mountpoint(outside):
+            mounts.unmount(outside, lazy=True)
+
+
+def test_the_session_root_is_removed_only_when_nothing_is_mounted_in_it(tmp_dir):
+    from conftest import remove_unless_mounted
+
+    from labkit.kernel import mounts, syscalls
+
+    busy, idle = tmp_dir / "busy", tmp_dir / "idle"
+    (busy / "mnt").mkdir(parents=True)
+    (idle / "sub").mkdir(parents=True)
+    syscalls.mount("tmpfs", busy / "mnt", "tmpfs", 0)
+    (busy / "mnt" / "theirs").write_text("on another filesystem")
+    try:
+        assert remove_unless_mounted(busy) is False
+        assert (busy / "mnt" / "theirs").read_text() == "on another filesystem"  # rmtree never ran
+    finally:
+        mounts.unmount(busy / "mnt", lazy=True)
+    assert remove_unless_mounted(idle) is True and not idle.exists()
+    assert remove_unless_mounted(idle) is False  # already gone

@@ -24,10 +24,11 @@ PIDS = v1_or_v2("/sys/fs/cgroup/pids/", "/sys/fs/cgroup/")
 def mode(request):
     """Every test runs twice: each command in the labkit process, then each one handed to
     labkitd (client.py), which must give the same output and exit code."""
+    from labkit.cli.daemon import start as start_labkitd
     from labkit.engine import daemon
 
     if request.param == "labkitd":
-        daemon.start()
+        start_labkitd()
     yield request.param
     if daemon.running_pid():
         daemon.stop()
@@ -35,10 +36,10 @@ def mode(request):
 
 @pytest.fixture(autouse=True)
 def clean(mode):
-    from labkit.engine import daemon
+    from labkit.cli.daemon import start as start_labkitd
 
     if mode == "labkitd":
-        daemon.start()  # again if a test's `labkit cleanup` stopped it
+        start_labkitd()  # again if a test's `labkit cleanup` stopped it
     before = served_by_labkitd()
     yield
     if mode == "labkitd":
@@ -127,7 +128,7 @@ def test_detached_lifecycle_with_ps_logs_exec_pause_stop_rm():
     assert a.returncode != 0 and "paused" in a.stderr
     assert labkit("unpause", "web").returncode == 0
     stats = labkit("stats", "--no-stream", "web").stdout
-    assert "web" in stats and "MiB" in stats or "KiB" in stats
+    assert "web" in stats and ("MiB" in stats or "KiB" in stats)
     assert '"Status": "running"' in labkit("inspect", "web").stdout
     assert labkit("stop", "-t", "5", "web").returncode == 0
     assert "Exited (3)" in labkit("ps", "-a").stdout
@@ -164,7 +165,10 @@ def test_fork_loop_stops_at_pids_limit():
     (["--memory-swap", "1g"], "invalid memory_swap limit '1g'"),
     (["-v", "/no/such/host/dir:/x"], "'/no/such/host/dir' does not exist"),
     (["-v", "relative:/x"], "invalid volume"),
-    (["--network", "bridge"], "invalid network 'bridge'"),
+    (["--network", "nosuch"], "no such network: nosuch"),
+    (["-p", "70000:80"], "invalid published port '70000:80'"),
+    (["-p", "abc"], "invalid published port 'abc'"),
+    (["--network", "none", "-p", "8080:80"], "--network none has no ports"),
     (["--cap-add", "FLY"], "invalid capability 'FLY'"),
     (["-u", "nobodyhere"], "invalid user"),
 ])  # fmt: skip

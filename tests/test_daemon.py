@@ -20,12 +20,13 @@ import pytest
 from bundles import LABKIT, labkit, leftovers, served_by_labkitd, until
 from conftest import REPO
 
-from labkit.engine import daemon
+from labkit.cli.daemon import start as start_labkitd
+from labkit.engine import daemon, protocol
 
 
 @pytest.fixture
 def labkitd():
-    pid = daemon.start()
+    pid = start_labkitd()
     yield pid
     if daemon.running_pid():
         daemon.stop()
@@ -37,13 +38,12 @@ def labkitd():
 
 
 def test_start_status_stop(labkitd):
-    assert daemon.start() == labkitd  # a second start finds it running
+    assert start_labkitd() == labkitd  # a second start finds it running
     mode = os.stat(daemon.socket_path()).st_mode
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600  # root's only
-    from labkit.cli import client  # spells the path rule without pathlib: the same path
-
-    assert client.socket_path(os.environb) == bytes(daemon.socket_path())
-    assert client.socket_path({}) == b"/run/labkit/labkitd.sock"
+    # the protocol spells the path rule without pathlib, for the client: the same path
+    assert protocol.socket_path(os.environb) == bytes(daemon.socket_path())
+    assert protocol.socket_path({}) == b"/run/labkit/labkitd.sock"
     r = labkit("daemon", "status")
     assert r.returncode == 0 and f"pid {labkitd}" in r.stdout
     assert psutil.Process(labkitd).name() == "labkitd"
@@ -178,7 +178,8 @@ def test_the_client_imports_nothing_but_builtins():
                             text=True, check=True).stderr  # fmt: skip
     names = {line.split("|")[-1].strip() for line in err.splitlines()[1:]}
     names -= {line.split("|")[-1].strip() for line in before.splitlines()[1:]}
-    assert names == {"labkit", "labkit.cli", "labkit.cli.client", "_socket"}
+    assert names == {"labkit", "labkit.cli", "labkit.cli.client", "labkit.engine", "labkit.engine.protocol",
+                     "_socket"}  # fmt: skip
 
 
 def test_the_installed_command_both_ways(labkitd):

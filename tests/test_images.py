@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from labkit.engine import images, layers, rootfs, safe
+from labkit.engine import images, layers, rootfs
 from labkit.errors import InvalidValue, LabkitError, NotFound, StateError
-from labkit.kernel import mounts, syscalls
+from labkit.kernel import mounts, safe, syscalls
 
 PY = sys.executable
 

@@ -12,7 +12,7 @@ import pytest
 
 from labkit.errors import InvalidValue, NotFound, SyscallError
 from labkit.kernel import namespaces as ns
-from labkit.kernel.namespaces import Kind
+from labkit.kernel.namespaces import Kind, nsenter
 
 
 def wait_for_sleep(pid, timeout=5.0):
@@ -229,7 +229,7 @@ def test_a_pid_that_does_not_exist_is_not_found():
 
 def test_enter_a_process_that_is_gone_is_one_line_and_leaks_nothing(monkeypatch):
     with pytest.raises(NotFound, match="ended before"):
-        ns._open_namespaces(2**22 + 7, frozenset({Kind.UTS}))  # above pid_max: no such process
+        nsenter._open_namespaces(2**22 + 7, frozenset({Kind.UTS}))  # above pid_max: no such process
     # the process ends after its namespace files were opened, before its cwd was
     real_open = os.open
 
@@ -241,6 +241,6 @@ def test_enter_a_process_that_is_gone_is_one_line_and_leaks_nothing(monkeypatch)
     fds_before = sorted(os.listdir("/proc/self/fd"))
     monkeypatch.setattr(os, "open", open_until_cwd)
     with pytest.raises(NotFound, match="ended before"):
-        ns._open_namespaces(os.getpid(), frozenset({Kind.UTS, Kind.IPC, Kind.MNT}))
+        nsenter._open_namespaces(os.getpid(), frozenset({Kind.UTS, Kind.IPC, Kind.MNT}))
     monkeypatch.undo()
     assert sorted(os.listdir("/proc/self/fd")) == fds_before

@@ -17,11 +17,11 @@ from bundles import bundle, busybox_rootfs, leftovers, until
 
 from labkit.errors import ExecFailed, InvalidValue, NotFound, StateError, Unsupported
 from labkit.kernel import namespaces as ns
-from labkit.runtime import container, execute, init
+from labkit.runtime import container, execute, init, shim
 from labkit.runtime.container import Stdio
-from labkit.runtime.init import parse_options, secure_join
+from labkit.runtime.filesystem import parse_options, secure_join
 from labkit.runtime.spec import Mount, Spec
-from labkit.runtime.state import Status
+from labkit.runtime.status import Status
 
 
 @pytest.fixture
@@ -86,6 +86,8 @@ def test_spec_rejects_user_namespaces_and_missing_bind_sources():
         Spec.docker(["true"], namespaces=("mount", "user")).validate()
     with pytest.raises(NotFound, match="/no/such/dir"):
         Spec.docker(["true"], mounts=(Mount("/x", "bind", "/no/such/dir", ("rbind",)),)).validate()
+    with pytest.raises(InvalidValue, match="needs its own mount namespace"):  # before anything is created
+        Spec.docker(["true"], namespaces=("pid", "uts")).validate()
 
 
 def test_malformed_config_json_is_one_invalid_value(tmp_dir):
@@ -262,7 +264,7 @@ def test_create_gives_up_on_an_init_that_hangs(tmp_dir, clean, monkeypatch):
         return real_setup(ctx)
 
     monkeypatch.setattr(init, "setup", stalled)  # the forked init runs this copy
-    monkeypatch.setattr(container, "CREATE_TIMEOUT", 0.5)
+    monkeypatch.setattr(shim, "CREATE_TIMEOUT", 0.5)
     b = bundle(tmp_dir, ["true"])
     started = time.monotonic()
     with pytest.raises(StateError, match="gave no answer"):
@@ -308,3 +310,15 @@ def _child_of(pid, timeout=5.0):
 def _cgroups(pid):
     with open(f"/proc/{pid}/cgroup") as f:
         return sorted(line.split(":", 1)[1] for line in f)
+
+
+def test_the_transition_table_gives_the_result_or_a_clear_error():
+    from labkit.runtime import status
+
+    assert status.check("start", "c1", Status.CREATED) is Status.RUNNING
+    assert status.check("stop", "c1", Status.STOPPED) is Status.STOPPED  # stop has its row too
+    with pytest.raises(StateError, match=r"cannot pause container c1: it is created \(must be running\)"):
+        status.check("pause", "c1", Status.CREATED)
+    for verb, (allowed, result) in status.TRANSITIONS.items():
+        assert allowed and all(isinstance(s, Status) for s in allowed), verb
+        assert result is None or isinstance(result, Status), verb

@@ -15,10 +15,11 @@ declines (the caller is in other namespaces than the daemon, or not root). Ctrl-
 it on to the worker, as ``docker run`` passes it on to the container.
 
 Only builtin modules are imported here (``posix`` rather than ``os``, ``_socket`` rather
-than ``socket``): the client is on the clock of every command, and those wrappers with
-what they import cost more than the rest of the client together.
+than ``socket``), and labkit's protocol module, which imports nothing: the client is on
+the clock of every command, and those wrappers with what they import cost more than the
+rest of the client together.
 
-Layer: the CLI.
+Layer: the CLI. The protocol itself is labkit/engine/protocol.py.
 """
 
 import sys
@@ -27,35 +28,13 @@ import _signal
 import _socket
 import posix
 
+from labkit.engine import protocol
+
 # The commands labkitd runs: the container commands. doctor, cleanup, vm and daemon
 # itself always run in the caller's own process.
 SERVED = frozenset({"run", "ps", "exec", "logs", "stop", "kill", "rm", "pause", "unpause", "stats",
-                    "inspect", "images", "runtime"})  # fmt: skip
-MAGIC = b"LKD1"
+                    "inspect", "images", "runtime", "port", "network"})  # fmt: skip
 FORWARDED = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
-EXIT_DAEMON = 125  # docker's code when the daemon, not the container, failed
-
-
-def socket_path(environ: dict[bytes, bytes]) -> bytes:
-    """labkitd's socket: paths.daemon_socket(), spelled without pathlib (it costs ~3 ms)."""
-    root = environ.get(b"LABKIT_ROOT")
-    return root + b"/run/labkitd.sock" if root else b"/run/labkit/labkitd.sock"
-
-
-def encode_request(argv: list[bytes], cwd: bytes, environ: dict[bytes, bytes]) -> bytes:
-    """cwd, argc, the arguments and KEY=VALUE pairs, NUL-separated, behind a length."""
-    fields = [cwd, str(len(argv)).encode(), *argv, *(k + b"=" + v for k, v in environ.items())]
-    body = b"\0".join(fields)
-    return MAGIC + len(body).to_bytes(4, "little") + body
-
-
-def decode_request(body: bytes) -> tuple[list[bytes], bytes, dict[bytes, bytes]]:
-    """The inverse of encode_request (after MAGIC and the length)."""
-    fields = body.split(b"\0")
-    cwd, argc = fields[0], int(fields[1])
-    argv = fields[2 : 2 + argc]
-    environ = dict(f.split(b"=", 1) for f in fields[2 + argc :] if b"=" in f)
-    return argv, cwd, environ
 
 
 def via_daemon(argv: list[str]) -> int | None:
@@ -69,9 +48,9 @@ def via_daemon(argv: list[str]) -> int | None:
     conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         try:
-            conn.connect(socket_path(environ))
+            conn.connect(protocol.socket_path(environ))
             args = [a.encode("utf-8", "surrogateescape") for a in argv]  # what os.fsencode does
-            request = encode_request(args, posix.getcwdb(), environ)
+            request = protocol.encode_request(args, posix.getcwdb(), environ)
             fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))
             sent = conn.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
         except OSError:  # no daemon (no socket, or nobody listening), a closed fd 0-2, no cwd
@@ -96,7 +75,7 @@ def _answer(conn) -> int | None:
         if not chunk:
             sys.stderr.write("labkit: labkitd went away before the command finished "
                              "(hint: see labkitd.log next to its socket)\n")  # fmt: skip
-            return EXIT_DAEMON
+            return protocol.EXIT_DAEMON
         buffered += chunk
         while b"\n" in buffered:
             line, buffered = buffered.split(b"\n", 1)

@@ -2,12 +2,14 @@
 images``: Docker's container commands, with Docker's flag names and meanings.
 
 Each command turns its flags into a runtime call: ``run`` builds a Spec from the image's
-config and the flags (Docker's defaults otherwise), creates and starts the container,
-and, in the foreground, exits with the container's exit code.
+config and the flags (runflags.py, Docker's defaults otherwise), creates and starts the
+container, and, in the foreground, exits with the container's exit code.
 
-Networking: ``--network none`` (the default here) gives the container a new network
-namespace with only ``lo`` up; ``--network host`` leaves it in the host's. Docker's
-default is a bridge with NAT, which notebook 08 builds by hand.
+Networking, as Docker's: ``--network bridge`` (the default) puts the container on
+labkit0 with an address, NAT and the ``-p`` ports; ``none`` gives it a namespace with
+only ``lo``; ``host`` leaves it in the host's; ``container:NAME`` joins another's.
+labkit.engine.endpoints makes all of it before the container is created, and releases
+it when the container is removed (``container.POSTSTOP``).
 
 Layer: the CLI (the docker client). Calls labkit.runtime and labkit.engine.images.
 """
@@ -22,7 +24,10 @@ import signal
 import sys
 import time
 
+from labkit.cli import runflags
 from labkit.errors import AlreadyExists, InvalidValue, LabkitError, NotFound
+from labkit.kernel import proc
+from labkit.runtime.status import ACTIVE, Status, check
 
 _NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")
 _ADJECTIVES = ["brave", "calm", "eager", "fond", "gentle", "happy", "jolly", "keen", "lucid", "merry", "nifty", "proud", "quiet", "sharp", "swift", "tender", "vivid", "witty", "zesty", "bold"]  # fmt: skip
@@ -74,7 +79,10 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
         p.add_argument("--cap-add", action="append", default=[], help="add a capability (or ALL)")
         p.add_argument("--cap-drop", action="append", default=[], help="drop a capability (or ALL)")
-        p.add_argument("--network", "--net", default="none", help="none (default: only lo) or host")
+        p.add_argument("--network", "--net", default="bridge",
+                       help="bridge (default), none (only lo), host, container:NAME or a network's name")
+        p.add_argument("-p", "--publish", action="append", default=[], help="[IP:]HOST:CONTAINER[/tcp|udp]")
+        p.add_argument("-P", "--publish-all", action="store_true", help="publish the image's exposed ports")
         p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
         p.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
         p.add_argument("image")
@@ -102,7 +110,7 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
     elif command == "stats":
         p.add_argument("--no-stream", action="store_true", help="print one sample and exit")
         p.add_argument("containers", nargs="*")
-    elif command in ("logs",):
+    elif command in ("logs", "port"):
         p.add_argument("container")
     elif command in ("pause", "unpause", "inspect"):
         p.add_argument("containers", nargs="+")
@@ -146,92 +154,6 @@ def _each(refs: list[str], action) -> int:
 # -- run ----------------------------------------------------------------------------------
 
 
-def build_spec(args: argparse.Namespace, container_id: str):
-    """The Spec for `labkit run`'s flags; everything is checked, nothing is created."""
-    from labkit.engine import images
-    from labkit.kernel import security
-    from labkit.kernel.cgroups import Limits
-    from labkit.runtime import state as st
-    from labkit.runtime.spec import DEFAULT_PATH, Mount, Spec, docker_mounts
-
-    limits = Limits.parse(memory=args.memory, memory_swap=args.memory_swap, cpus=args.cpus,
-                          cpu_shares=args.cpu_shares, pids=args.pids_limit)  # fmt: skip
-    if args.network not in ("none", "host"):
-        raise InvalidValue("network", args.network, "none or host (a bridge is built in notebook 08)")
-    volumes = [_volume(v) for v in args.volume]
-    caps = _capabilities(args.cap_add, args.cap_drop, security)
-    image = images.get(args.image)
-    cfg = image.config
-    argv = list(cfg.entrypoint) + (list(args.cmd) if args.cmd else list(cfg.cmd))
-    if not argv:
-        raise InvalidValue("command", "", f"a command: image {args.image} has no CMD, so name one after it")
-    env = {e.split("=", 1)[0]: e for e in (cfg.env or [f"PATH={DEFAULT_PATH}"])}
-    for item in args.env:
-        key, eq, _ = item.partition("=")
-        if not key:
-            raise InvalidValue("environment variable", item, "KEY=VALUE or KEY")
-        env[key] = item if eq else f"{key}={os.environ.get(key, '')}"
-    if args.tty:
-        env.setdefault("TERM", "TERM=xterm")
-    env.setdefault("HOSTNAME", f"HOSTNAME={args.hostname or container_id[:12]}")
-    uid, gid = _user(args.user or cfg.user, image.layers)
-    namespaces = tuple(n for n in ("mount", "network", "uts", "pid", "ipc") if not (n == "network" and args.network == "host"))
-    lib = st.data_dir(container_id)
-    mounts = docker_mounts() + tuple(Mount(dst, "bind", src, ("rbind", "ro" if ro else "rw")) for src, dst, ro in volumes)
-    return Spec(
-        args=tuple(argv), env=tuple(env.values()), cwd=args.workdir or cfg.working_dir or "/", uid=uid, gid=gid,
-        hostname=args.hostname or container_id[:12], rootfs=str(st.container_dir(container_id) / "rootfs"),
-        readonly=args.read_only, layers=tuple(str(p) for p in image.layers), upper=str(lib / "upper"),
-        work=str(lib / "work"), mounts=mounts, namespaces=namespaces, limits=limits if limits.given() else None,
-        capabilities=caps, terminal=args.tty,
-    ).validate(), image  # fmt: skip
-
-
-def _volume(text: str) -> tuple[str, str, bool]:
-    parts = text.split(":")
-    form = "HOST_PATH:CONTAINER_PATH[:ro|rw] with absolute paths, e.g. /tmp/data:/data:ro"
-    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
-        raise InvalidValue("volume", text, form)
-    src, dst = parts[0], parts[1]
-    if not src.startswith("/") or not dst.startswith("/"):
-        raise InvalidValue("volume", text, form)
-    if not os.path.exists(src):
-        raise NotFound(f"volume source {src!r} does not exist on the host (create it first)")
-    return os.path.realpath(src), dst, len(parts) == 3 and parts[2] == "ro"
-
-
-def _capabilities(add: list[str], drop: list[str], security) -> tuple[str, ...]:
-    caps = list(security.DOCKER_DEFAULT_CAPS)
-    if any(c.upper() == "ALL" for c in add):
-        caps = ["CAP_" + n for n in security.CAPABILITIES]
-    caps += [security.cap_name(c) for c in add if c.upper() != "ALL"]
-    if any(c.upper() == "ALL" for c in drop):
-        caps = [security.cap_name(c) for c in add if c.upper() != "ALL"]
-    dropped = {security.cap_name(c) for c in drop if c.upper() != "ALL"}
-    # a process can keep only what its parent has: we may lack one (e.g. SYS_RESOURCE)
-    have = security.capsets().bounding
-    return tuple(dict.fromkeys(c for c in caps if c not in dropped and have >> security.CAPABILITIES[c[4:]] & 1))
-
-
-def _user(text: str, layers) -> tuple[int, int]:
-    if not text:
-        return 0, 0
-    name, _, group = text.partition(":")
-    form = "UID[:GID] as numbers, or a user name from the image's /etc/passwd"
-    if name.isdigit() and (not group or group.isdigit()):
-        return int(name), int(group or name)
-    for layer in layers:  # top layer first: the first /etc/passwd found is the one seen
-        passwd = os.path.join(layer, "etc/passwd")
-        if os.path.isfile(passwd) and not os.path.islink(passwd):
-            with open(passwd) as f:
-                for line in f:
-                    fields = line.strip().split(":")
-                    if len(fields) >= 4 and fields[0] == name:
-                        return int(fields[2]), int(group) if group.isdigit() else int(fields[3])
-            break
-    raise InvalidValue("user", text, form)
-
-
 def _new_name(taken: set[str]) -> str:
     for _ in range(100):
         i = int.from_bytes(os.urandom(2), "big")
@@ -251,9 +173,62 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.name in taken:
             raise AlreadyExists(f"container name {args.name!r} is already in use (labkit rm {args.name})")
     container_id = os.urandom(32).hex()
-    spec, image = build_spec(args, container_id)
+    spec, image = runflags.build_spec(args, container_id)
+    wanted = runflags.published(args, image)
     name = args.name or _new_name(taken)
     common = {"name": name, "image": image.ref, "auto_remove": args.rm}
+    spec = _connect(container_id, name, spec, args.network, wanted)
+    try:
+        return _create_and_start(container_id, spec, args, common)
+    except BaseException:
+        from labkit.engine import endpoints
+        from labkit.runtime.state import container_dir
+
+        if not container_dir(container_id).exists():  # create failed early: nothing else releases it
+            endpoints.release(container_id)
+        raise
+
+
+def _network_hooks() -> None:
+    """Have every delete in this process (and its shims) release the container's network."""
+    from labkit.runtime import container
+
+    if _release_network not in container.POSTSTOP:
+        container.POSTSTOP.append(_release_network)
+
+
+def _release_network(container_id: str) -> None:
+    from labkit import paths
+
+    if (paths.endpoints_dir() / f"{container_id}.json").exists():  # no import when there is none
+        from labkit.engine import endpoints
+
+        endpoints.release(container_id)
+
+
+def _connect(container_id: str, name: str, spec, mode: str, wanted: list):
+    """The container's network (endpoints.connect), and the spec that joins it."""
+    from labkit.engine import endpoints
+    from labkit.runtime import container
+
+    peer = None
+    if mode.startswith("container:"):
+        state = container.load(resolve(mode[len("container:"):]))
+        check("exec", state.id, state.status)  # it must be running: we join its namespace
+        peer = (state.id, state.pid)
+    _network_hooks()
+    att = endpoints.connect(container_id, name, spec.hostname, mode, wanted, peer)
+    try:
+        return spec.replace(namespace_paths=spec.namespace_paths + att.join,
+                            mounts=spec.mounts + att.mounts).validate()
+    except BaseException:
+        endpoints.release(container_id)
+        raise
+
+
+def _create_and_start(container_id: str, spec, args, common) -> int:
+    from labkit.runtime import container
+
     if args.detach:
         master = slave = None
         if args.tty:
@@ -304,7 +279,7 @@ def _run_foreground(container_id: str, spec, args, common) -> int:
             if master is not None:
                 from labkit.runtime import tty
 
-                tty.relay(master, lambda: container.load(container_id).status.value == "stopped")
+                tty.relay(master, lambda: container.load(container_id).status is Status.STOPPED)
             code = container.wait_shim(container_id)
         finally:
             for s, h in old.items():
@@ -328,29 +303,42 @@ def _run_foreground(container_id: str, spec, args, common) -> int:
 def cmd_ps(args: argparse.Namespace) -> int:
     from labkit.runtime import container
 
-    states = [s for s in container.list_states() if args.all or s.status.value in ("running", "paused", "created")]
+    states = [s for s in container.list_states() if args.all or s.status in ACTIVE]
     if args.quiet:
         for s in reversed(states):
             print(s.id[:12])
         return 0
-    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "NAMES")]
+    rows = [("CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES")]
     now = time.time()
     for s in reversed(states):  # newest first, as docker ps
         command = " ".join(s.command)
         command = json.dumps(command if len(command) <= 20 else command[:19] + "…", ensure_ascii=False)
-        rows.append((s.id[:12], s.image or "-", command, _ago(now - s.created) + " ago", _status(s, now), s.name))
+        rows.append((s.id[:12], s.image or "-", command, _ago(now - s.created) + " ago", _status(s, now),
+                     _ports(s.id), s.name))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return 0
 
 
+def _ports(container_id: str) -> str:
+    """docker ps's PORTS: ``0.0.0.0:8080->80/tcp, ...`` (read from the lease, if any)."""
+    from labkit import paths
+
+    lease = paths.endpoints_dir() / f"{container_id}.json"
+    if not lease.exists():
+        return ""
+    from labkit.engine import endpoints
+
+    return ", ".join(str(p) for p in endpoints.ports_of(container_id))
+
+
 def _status(s, now: float) -> str:
-    if s.status.value == "running":
+    if s.status is Status.RUNNING:
         return f"Up {_ago(now - s.started)}"
-    if s.status.value == "paused":
+    if s.status is Status.PAUSED:
         return f"Up {_ago(now - s.started)} (Paused)"
-    if s.status.value == "stopped":
+    if s.status is Status.STOPPED:
         code = "?" if s.exit_code is None else s.exit_code
         when = f" {_ago(now - s.finished)} ago" if s.finished else ""
         return f"Exited ({code}){when}" + (" (OOM killed)" if s.oom_killed else "")
@@ -374,13 +362,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
     cid = resolve(args.container)
     uid = gid = None
     if args.user:
-        from labkit.runtime.state import check
-
         state = container.load(cid)
         check("exec", cid, state.status)
         # the container's own view of its files: its rootfs overlay is mounted only in its
         # mount namespace, and /proc/PID/root looks through init's root into it
-        uid, gid = _user(args.user, [f"/proc/{state.pid}/root"])
+        uid, gid = runflags.user_ids(args.user, [f"/proc/{state.pid}/root"])
     for item in args.env:
         if "=" not in item:
             raise InvalidValue("environment variable", item, "KEY=VALUE")
@@ -404,8 +390,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         os.close(master)
         if not exited:  # the usual way out: the pty closed before done() reaped the process
             exited.append(os.waitpid(pid, 0)[1])
-        code = os.waitstatus_to_exitcode(exited[0])
-        return 128 - code if code < 0 else code
+        return proc.exit_code(exited[0])
     null = os.open(os.devnull, os.O_RDONLY)
     try:
         stdio = container.Stdio(0 if args.interactive else null, 1, 2)
@@ -450,7 +435,17 @@ def parse_signal(text: str) -> int:
 def cmd_rm(args: argparse.Namespace) -> int:
     from labkit.runtime import container
 
+    _network_hooks()
     return _each(args.containers, lambda cid: container.delete(cid, force=args.force))
+
+
+def cmd_port(args: argparse.Namespace) -> int:
+    """``docker port NAME``: ``80/tcp -> 0.0.0.0:8080``, one line per published port."""
+    from labkit.engine import endpoints
+
+    for p in endpoints.ports_of(resolve(args.container)):
+        print(f"{p.container_port}/{p.proto} -> {p.host_ip}:{p.host_port}")
+    return 0
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
@@ -483,7 +478,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             continue
         s = container.load(cid)
         doc = s.to_json()
-        doc["State"] = {"Status": s.status.value, "Pid": s.pid if s.status.value != "stopped" else 0,
+        doc["State"] = {"Status": s.status.value, "Pid": s.pid if s.status is not Status.STOPPED else 0,
                         "ExitCode": s.exit_code, "OOMKilled": s.oom_killed}  # fmt: skip
         doc["Config"] = container.spec_of(cid).to_oci()
         doc["LogPath"] = str(container.log_path(cid))
@@ -504,7 +499,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from labkit.runtime import container
 
     ids = [resolve(r) for r in args.containers] or [s.id for s in container.list_states()
-                                                      if s.status.value in ("running", "paused")]  # fmt: skip
+                                                      if s.status in (Status.RUNNING, Status.PAUSED)]  # fmt: skip
     groups = {}
     for cid in ids:
         try:

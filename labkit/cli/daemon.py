@@ -5,12 +5,22 @@
     labkit daemon status    running or not, its pid and socket
     labkit daemon run       in the foreground (what a systemd service runs)
 
+labkitd runs the CLI's own dispatcher in its workers: ``start()`` and ``run`` hand
+``dispatch.run_command`` (and ``warm_up``, which builds every parser once) to the
+engine's daemon, which knows nothing of the CLI.
+
 Layer: the CLI. Calls labkit.engine.daemon.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+
+from labkit.cli import client, dispatch
+from labkit.engine import daemon
+from labkit.errors import UsageError, require_root
 
 VERBS = ("start", "stop", "status", "run")
 
@@ -19,10 +29,21 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
     p.add_argument("verb", choices=VERBS, help="what to do with labkitd")
 
 
-def run(command: str, args: argparse.Namespace) -> int:
-    from labkit.engine import daemon
-    from labkit.errors import require_root
+def warm_up() -> None:
+    """Build and exercise every served command's parser once, before labkitd forks."""
+    for command in client.SERVED:
+        parser, _ = dispatch.build_parser(command)
+        parser.format_help()
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.suppress(SystemExit, UsageError):
+            parser.parse_args([])  # a usage error, mostly: loads gettext, compiles argparse's patterns
 
+
+def start() -> int:
+    """Start labkitd in the background with the CLI's dispatcher; its pid."""
+    return daemon.start(dispatch.run_command, warm_up)
+
+
+def run(command: str, args: argparse.Namespace) -> int:
     require_root(f"labkit daemon {args.verb}")
     if args.verb == "status":
         pid = daemon.running_pid()
@@ -33,10 +54,10 @@ def run(command: str, args: argparse.Namespace) -> int:
         return 0
     if args.verb == "start":
         was = daemon.running_pid()
-        pid = daemon.start()
+        pid = start()
         print(f"labkitd: {'already running' if was else 'started'}, pid {pid}, socket {daemon.socket_path()}")
     elif args.verb == "stop":
         print(f"labkitd: stopped (pid {daemon.stop()})")
     else:
-        daemon.serve()
+        daemon.serve(dispatch.run_command, warm_up)
     return 0

@@ -20,6 +20,8 @@ import json
 import os
 
 from labkit.errors import AlreadyExists, InvalidValue
+from labkit.runtime.spec import OCI_VERSION
+from labkit.runtime.status import Status
 
 VERBS = ("spec", "create", "start", "state", "kill", "delete", "run", "list")
 
@@ -64,8 +66,8 @@ def run(command: str, args: argparse.Namespace) -> int:
         container.start(args.id)
     elif args.verb == "state":
         s = container.load(args.id)
-        pid = s.pid if s.status.value != "stopped" else 0
-        print(json.dumps({"ociVersion": "1.0.2-dev", "id": s.id, "pid": pid, "status": s.status.value,
+        pid = s.pid if s.status is not Status.STOPPED else 0
+        print(json.dumps({"ociVersion": OCI_VERSION, "id": s.id, "pid": pid, "status": s.status.value,
                           "bundle": s.bundle, "created": s.created, "annotations": {}}, indent=2))  # fmt: skip
     elif args.verb == "kill":
         from labkit.cli.containers import parse_signal
@@ -112,7 +114,7 @@ def _foreground(container_id: str, spec, bundle: str) -> int:
         if master is not None:
             from labkit.runtime import tty
 
-            tty.relay(master, lambda: container.load(container_id).status.value == "stopped")
+            tty.relay(master, lambda: container.load(container_id).status is Status.STOPPED)
         code = container.wait_shim(container_id)
     finally:  # also on Ctrl-C or a failed start: runc run leaves no container behind
         if master is not None:

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from labkit import paths
-from labkit.engine import images, safe
+from labkit.engine import images
+from labkit.kernel import safe
 from labkit.engine.reference import DIGEST
 from labkit.errors import BadContent, NotFound, Unsupported
 

@@ -8,12 +8,13 @@ them once, then serves each command from a fresh fork(2) of itself:
       connect to labkitd.sock  ------->  accept(); fork() a worker
       send argv, cwd, environ,           worker: take the client's fds as 0, 1, 2,
         and fds 0, 1, 2 (SCM_RIGHTS)       chdir, environ, run the command
-      <------- "pid N" ... "exit N"      (dispatch.py, exactly as in-process)
+      <------- "pid N" ... "exit N"      (the CLI's dispatcher, exactly as in-process)
 
 The fork is the whole trick, the one Android's zygote plays for every app: the child
 starts with every module imported and every parser built, and copy-on-write makes that
-nearly free. labkitd even forks the next worker before it is needed. What the command does is unchanged, so its output and exit code are the
-ones the in-process path gives; tests run both.
+nearly free. labkitd even forks the next worker before it is needed. What the command
+does is unchanged, so its output and exit code are the ones the in-process path gives;
+tests run both. The wire protocol is protocol.py.
 
 labkitd is also a child subreaper (PR_SET_CHILD_SUBREAPER, like containerd): the shims
 of detached containers, orphaned on purpose, become its children and it reaps them.
@@ -22,36 +23,49 @@ callers in its own namespaces (otherwise paths and networks would mean something
 When labkit's files change on disk it exits within a second (the CLI then runs
 in-process; systemd, or ``labkit daemon start``, brings up a fresh one).
 
-Layer: engine. Imports the CLI's dispatcher lazily, in the worker.
+labkitd does not know the CLI: ``serve(dispatch=...)`` gets the function that runs one
+command (labkit/cli/daemon.py hands in the CLI's dispatcher), as dockerd gets its API
+routes registered from outside.
+
+Layer: engine. Speed tricks (preloading, gc.freeze, a spare worker) are at home here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import os
+import select
 import signal
 import socket
 import struct
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 
-from labkit import paths
-from labkit.errors import LabkitError, NotFound, StateError
-from labkit.kernel import syscalls
+from labkit import paths, poll
+from labkit.engine import protocol
+from labkit.errors import NotFound, StateError
+from labkit.kernel import cgroups, proc, syscalls
+
+Dispatch = Callable[[list[str]], int]  # runs one command's argv here; its exit code
 
 PROCESS_NAME = "labkitd"
 WORKER_NAME = "labkit"
 NAMESPACES = ("mnt", "net", "pid", "uts", "ipc", "user", "cgroup")
 STALE_CHECK_INTERVAL = 1.0  # seconds between looks at labkit's files (a shared folder is slow)
-# what labkitd imports once, for all its workers: everything the served commands use
+# what labkitd imports once, for all its workers: everything below the CLI that the served
+# commands use (the CLI's own modules are loaded by the warm_up it hands to serve())
 PRELOAD = (
-    "labkit.cli.dispatch", "labkit.cli.containers", "labkit.cli.runtime", "labkit.runtime.container",
-    "labkit.runtime.init", "labkit.runtime.execute", "labkit.runtime.resources", "labkit.runtime.tty",
-    "labkit.engine.images", "labkit.engine.rootfs", "labkit.engine.layers", "labkit.engine.safe",
+    "labkit.runtime.container", "labkit.runtime.init", "labkit.runtime.execute", "labkit.runtime.tty",
+    "labkit.engine.images", "labkit.engine.rootfs", "labkit.engine.layers", "labkit.kernel.safe",
     "labkit.kernel.cgroups", "labkit.kernel.cgroups.v1", "labkit.kernel.cgroups.v2", "labkit.kernel.overlay",
     "labkit.kernel.namespaces", "labkit.kernel.security", "labkit.kernel.mounts", "json", "argparse",
+    # the default network: endpoints, pyroute2's IPRoute (slow to import), libnftables' wrapper
+    "labkit.engine.endpoints", "labkit.engine.networks", "labkit.kernel.network", "pyroute2.iproute.linux",
 )  # fmt: skip
 
 
@@ -70,21 +84,21 @@ def log_path() -> Path:
 # -- the daemon ---------------------------------------------------------------------------
 
 
-def serve(ready_fd: int = -1) -> None:
+def serve(dispatch: Dispatch, warm_up: Callable[[], None] | None = None, ready_fd: int = -1) -> None:
     """Run labkitd in this process until SIGTERM or SIGINT (``labkit daemon run``).
 
-    ``ready_fd``, if given, gets one byte once the socket accepts connections.
+    ``dispatch(argv)`` runs one command in a worker and returns its exit code;
+    ``warm_up()`` runs once, before the first fork, to load what it needs. ``ready_fd``,
+    if given, gets one byte once the socket accepts connections.
 
     One worker is always forked ahead, a "spare" blocked in accept(2): a request finds
     its process made and set up already. When the spare takes a connection it says so
     on a pipe, and labkitd forks the next one. Once a second labkitd looks at its own
     files: if they changed, it stops (see the module's docstring).
     """
-    import select
-
     _set_name(PROCESS_NAME)
     stamp = code_stamp()
-    _preload()
+    _preload(warm_up)
     listener = _listen(socket_path())
     pid_path().write_text(f"{os.getpid()}\n")
     syscalls.prctl(syscalls.Prctl.PR_SET_CHILD_SUBREAPER, 1)
@@ -111,7 +125,7 @@ def serve(ready_fd: int = -1) -> None:
     try:
         while not state["stopping"]:
             if not state["spare"]:
-                state["spare"] = _fork_spare(listener, took_w)
+                state["spare"] = _fork_spare(listener, took_w, dispatch)
             if select.select([took_r], [], [], STALE_CHECK_INTERVAL)[0]:
                 if b"t" in os.read(took_r, 64):
                     state["spare"] = 0
@@ -132,7 +146,7 @@ def serve(ready_fd: int = -1) -> None:
             pid_path().unlink(missing_ok=True)
 
 
-def _fork_spare(listener: socket.socket, took_w: int) -> int:
+def _fork_spare(listener: socket.socket, took_w: int, dispatch: Dispatch) -> int:
     """Fork the next worker; it waits in accept() and tells labkitd once it has a caller."""
     daemon = os.getpid()
     pid = syscalls.fork()
@@ -156,7 +170,7 @@ def _fork_spare(listener: socket.socket, took_w: int) -> int:
         listener.close()
     except BaseException:  # noqa: BLE001 - nothing may escape a forked child
         os._exit(1)
-    _worker(conn, log)  # never returns
+    _worker(conn, log, dispatch)  # never returns
 
 
 def _kill_quietly(pid: int) -> None:
@@ -166,22 +180,12 @@ def _kill_quietly(pid: int) -> None:
         pass
 
 
-def _preload() -> None:
+def _preload(warm_up: Callable[[], None] | None) -> None:
     """Import, build and warm up now what every worker would otherwise do first."""
-    import contextlib
-    import importlib
-    import io
-
     for name in PRELOAD:
         importlib.import_module(name)
-    from labkit.cli import client, dispatch
-    from labkit.kernel import cgroups
-
-    for command in client.SERVED:
-        parser, _ = dispatch.build_parser(command)
-        parser.format_help()
-        with contextlib.redirect_stderr(io.StringIO()), contextlib.suppress(SystemExit, LabkitError):
-            parser.parse_args([])  # a usage error, mostly: loads gettext, compiles argparse's patterns
+    if warm_up is not None:
+        warm_up()
     with contextlib.suppress(Exception):
         cgroups.available_controllers()  # finds and caches the hierarchies (mountinfo)
 
@@ -224,7 +228,7 @@ def _reap() -> list[int]:
 # -- one request --------------------------------------------------------------------------
 
 
-def _worker(conn: socket.socket, log: int) -> None:
+def _worker(conn: socket.socket, log: int, dispatch: Dispatch) -> None:
     """In the spare, now with a caller: receive the request, become the caller, run it."""
     try:
         request = _receive(conn)
@@ -233,16 +237,14 @@ def _worker(conn: socket.socket, log: int) -> None:
         argv, cwd, env, fds, peer = request
         reason = _decline(peer)
         if reason:
-            conn.sendall(f"fallback {reason}\n".encode())
+            conn.sendall(protocol.reply("fallback", reason))
             os._exit(0)
         line = f"labkitd: worker {os.getpid()} for caller {peer[0]}: labkit {' '.join(argv)}\n"
         os.write(log, line.encode())
         _become(cwd, env, fds)
-        conn.sendall(f"pid {os.getpid()}\n".encode())
-        from labkit.cli import dispatch
-
+        conn.sendall(protocol.reply("pid", os.getpid()))
         try:
-            code = dispatch.run_command(argv)
+            code = dispatch(argv)
         except SystemExit as done:  # argparse: --help, or a usage error (already printed)
             code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
             if isinstance(done.code, str):
@@ -253,36 +255,32 @@ def _worker(conn: socket.socket, log: int) -> None:
             except OSError:
                 pass
         try:
-            conn.sendall(f"exit {code}\n".encode())
+            conn.sendall(protocol.reply("exit", code))
         except OSError:  # the caller was killed meanwhile: nobody to tell
             pass
     except BaseException:  # noqa: BLE001 - nothing may escape a forked worker
-        import traceback
-
         os.write(log, f"labkitd worker {os.getpid()}: {traceback.format_exc()}".encode())
         os._exit(1)
     os._exit(0)
 
 
 def _receive(conn: socket.socket):
-    from labkit.cli import client
-
     fd_space = socket.CMSG_SPACE(3 * 4)
     data, ancdata, _, _ = conn.recvmsg(65536, fd_space)
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds += [int.from_bytes(payload[i : i + 4], sys.byteorder) for i in range(0, len(payload) - 3, 4)]
-    if len(data) < 8 or data[:4] != client.MAGIC or len(fds) != 3:
+    size = protocol.request_size(data)
+    if size < 0 or len(fds) != 3:
         return None
-    size = int.from_bytes(data[4:8], "little")
     body = data[8:]
     while len(body) < size:
         chunk = conn.recv(size - len(body))
         if not chunk:
             return None
         body += chunk
-    args, cwd, env = client.decode_request(body)
+    args, cwd, env = protocol.decode_request(body)
     argv = [os.fsdecode(a) for a in args]
     peer = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
     return argv, cwd, env, fds, peer
@@ -354,16 +352,14 @@ def running_pid() -> int | None:
 def _alive(pid: int) -> bool:
     """pid is a labkitd that has not ended (a zombie has)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
+        return proc.name(pid) == PROCESS_NAME and proc.alive(pid)
     except OSError:
         return False
-    name = stat[stat.index("(") + 1 : stat.rindex(")")]
-    return name == PROCESS_NAME and stat[stat.rindex(")") + 2] not in "ZX"
 
 
-def start(timeout: float = 30.0) -> int:
-    """Start labkitd in the background (double fork, own session); its pid once it listens."""
+def start(dispatch: Dispatch, warm_up: Callable[[], None] | None = None, timeout: float = 30.0) -> int:
+    """Start labkitd in the background (double fork, own session); its pid once it listens.
+    ``dispatch`` and ``warm_up`` as for serve()."""
     pid = running_pid()
     if pid:
         return pid
@@ -386,13 +382,11 @@ def start(timeout: float = 30.0) -> int:
             # held open here would keep `labkit daemon start | cat` waiting forever)
             os.closerange(3, ready_w)
             os.closerange(ready_w + 1, os.sysconf("SC_OPEN_MAX"))
-            serve(ready_w)
+            serve(dispatch, warm_up, ready_w)
         finally:
             os._exit(0)
     os.close(ready_w)
     os.waitpid(first, 0)
-    import select
-
     try:
         if not select.select([ready_r], [], [], timeout)[0] or os.read(ready_r, 1) != b"r":
             raise StateError(f"labkitd did not start (hint: see {log_path()})")
@@ -410,12 +404,9 @@ def stop(timeout: float = 10.0) -> int:
     if pid is None:
         raise NotFound(f"labkitd is not running (no live pid in {pid_path()})")
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while _alive(pid):  # the process, not its pid file: that goes a moment before the exit
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
+    # the process, not its pid file: that goes a moment before the exit
+    if not poll.until(lambda: not _alive(pid), timeout, first=0.01, most=0.01):
+        os.kill(pid, signal.SIGKILL)
     for path in (socket_path(), pid_path()):
         path.unlink(missing_ok=True)
     return pid

@@ -50,12 +50,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from labkit import paths
-from labkit.engine import safe
 
 # Unpacking tars and building base images (tarfile, debootstrap) is needed only when an
 # image is made; `labkit run` of an image already in the store loads neither module.
-# Nor hashlib, tempfile or typing (~7 ms of imports): they are imported where used.
+# Nor hashlib, tempfile or typing: they are imported where used.
 from labkit.errors import LabkitError, NotFound, StateError
+from labkit.kernel import safe
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
@@ -77,16 +77,21 @@ class ImageConfig:
     entrypoint: list[str] = field(default_factory=list)
     working_dir: str = "/"
     user: str = ""
+    exposed_ports: list[str] = field(default_factory=list)  # "80/tcp": what -P publishes
 
     def to_oci(self) -> dict:
-        return {"Env": self.env, "Cmd": self.cmd, "Entrypoint": self.entrypoint or None,
-                "WorkingDir": self.working_dir, "User": self.user}  # fmt: skip
+        doc = {"Env": self.env, "Cmd": self.cmd, "Entrypoint": self.entrypoint or None,
+               "WorkingDir": self.working_dir, "User": self.user}  # fmt: skip
+        if self.exposed_ports:
+            doc["ExposedPorts"] = {p: {} for p in self.exposed_ports}
+        return doc
 
     @classmethod
     def from_oci(cls, doc: dict) -> ImageConfig:
         return cls(env=list(doc.get("Env") or []), cmd=list(doc.get("Cmd") or []),
                    entrypoint=list(doc.get("Entrypoint") or []),
-                   working_dir=doc.get("WorkingDir") or "/", user=doc.get("User") or "")  # fmt: skip
+                   working_dir=doc.get("WorkingDir") or "/", user=doc.get("User") or "",
+                   exposed_ports=sorted(doc.get("ExposedPorts") or {}))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -350,11 +355,11 @@ def _layers_in_use(layer_dirs: list[Path]) -> list[Path]:
     the container's own mount namespace, so our mountinfo never lists that one."""
     from labkit.kernel import mounts
     from labkit.runtime import container
-    from labkit.runtime.state import Status
+    from labkit.runtime.status import Status
 
     overlays = [m.super_options for m in mounts.mountinfo() if m.fstype == "overlay"]
     for state in container.list_states():
-        if state.status != Status.STOPPED:
+        if state.status is not Status.STOPPED:
             try:
                 overlays.append(":".join(container.spec_of(state.id).layers))
             except LabkitError:  # removed meanwhile

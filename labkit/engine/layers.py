@@ -39,8 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from labkit.engine import safe
 from labkit.errors import BadContent, InvalidValue, LabkitError
+from labkit.kernel import safe
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"

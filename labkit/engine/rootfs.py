@@ -37,8 +37,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from labkit import paths
-from labkit.engine import safe
 from labkit.errors import LabkitError, Unsupported, require_root
+from labkit.kernel import safe
+from labkit.runtime.spec import DEFAULT_PATH
 
 Progress = Callable[[str], None]
 
@@ -46,7 +47,7 @@ BUSYBOX = Path("/bin/busybox")
 DEBIAN_SUITE = "bookworm"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBOOTSTRAP_TIMEOUT = 1200  # seconds; it takes about 30 here, a slow mirror may take minutes
-PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+PATH_ENV = f"PATH={DEFAULT_PATH}"
 
 # The files every small Linux userland expects in /etc.
 ETC_FILES = {

@@ -6,7 +6,7 @@ propagates: ``shared:N`` (mounts and unmounts spread to the peer group N), ``mas
 (a slave: receives from N, sends nothing back), or nothing (private).
 
 Man pages: proc(5) "/proc/pid/mountinfo", mount(2), mount_namespaces(7).
-Layer: kernel. Used by overlay, the runtime's init, cleanup and the notebooks.
+Layer: kernel. Used by overlay, namespaces.spawn, the runtime's init, cleanup and the notebooks.
 """
 
 from __future__ import annotations
@@ -89,16 +89,32 @@ def mounts_below(path: str | os.PathLike, pid: int | str = "self") -> list[Mount
     return sorted(found, key=lambda m: (m.mountpoint.count("/"), m.mount_id), reverse=True)
 
 
-def bind(src: str | os.PathLike, dst: str | os.PathLike, *, readonly: bool = False, recursive: bool = True) -> None:
+def bind(src: str | os.PathLike, dst: str | os.PathLike, *, readonly: bool = False, recursive: bool = True,
+         flags: int = 0) -> None:  # fmt: skip
     """Make ``src`` visible at ``dst`` too (``mount --bind``; ``--rbind`` when recursive).
 
     A read-only bind needs a second call: the first mount(2) ignores MS_RDONLY together
-    with MS_BIND, so remount the new mount with MS_REMOUNT|MS_BIND|MS_RDONLY.
+    with MS_BIND, so remount the new mount with MS_REMOUNT|MS_BIND|MS_RDONLY. ``flags``
+    (MS_NOSUID, MS_NODEV, ...) go with that remount too: it replaces the mount's flags.
     """
-    flags = MountFlags.MS_BIND | (MountFlags.MS_REC if recursive else 0)
-    syscalls.mount(src, dst, None, flags)
+    syscalls.mount(src, dst, None, flags | MountFlags.MS_BIND | (MountFlags.MS_REC if recursive else 0))
     if readonly:
-        syscalls.mount(None, dst, None, MountFlags.MS_REMOUNT | MountFlags.MS_BIND | MountFlags.MS_RDONLY)
+        syscalls.mount(None, dst, None, flags | MountFlags.MS_REMOUNT | MountFlags.MS_BIND | MountFlags.MS_RDONLY)
+
+
+def pivot_into(root: str | os.PathLike) -> None:
+    """Make the mount point ``root`` this mount namespace's ``/``, and drop the old root.
+
+    This is runc's way: with pivot_root(".", ".") the old root ends up stacked under the
+    new one, where a lazy unmount detaches it. No directory for the old root is needed,
+    and nothing of the host's tree stays reachable (unlike chroot, which a root process
+    can escape). ``root`` must be a mount point (``bind(root, root)`` makes it one), in a
+    mount namespace whose mounts are private (``make_private("/")``).
+    """
+    os.chdir(root)
+    syscalls.pivot_root(".", ".")
+    syscalls.umount2(".", UmountFlags.MNT_DETACH)
+    os.chdir("/")
 
 
 def make_private(path: str | os.PathLike = "/", recursive: bool = True) -> None:

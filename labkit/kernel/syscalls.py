@@ -13,10 +13,10 @@ Layer: kernel. Used by namespaces, overlay, the runtime's init. Man pages: the o
 
 from __future__ import annotations
 
-import _thread
 import ctypes
 import enum
 import os
+import threading
 import warnings
 
 from labkit.errors import SyscallError
@@ -127,7 +127,7 @@ def fork() -> int:
         return os.fork()
 
 
-_pid_for_children = _thread.allocate_lock()  # _thread, not threading: this module stays cheap
+_pid_for_children = threading.Lock()
 
 
 def fork_as_pid1() -> int:

@@ -7,7 +7,7 @@ labkit names every kernel object it creates so that it can be found again after 
    the service starts a fresh one), everything in a cgroup below a ``labkit`` parent,
    and qemu VMs named ``labkit-vm-*`` whose launching process has gone;
 2. mounts: everything mounted below the state roots (/var/lib/labkit, /run/labkit);
-3. links whose name starts with ``lk``, network namespaces named ``labkit-*`` (bind
+3. links whose name starts with ``lk`` (and the default bridge ``labkit0``), network namespaces named ``labkit-*`` (bind
    mounts under the run root, symlinked from /run/netns, or bind mounts in /run/netns)
    and labkit's nftables tables (``labkit``, ``labkit-*``);
 4. loop devices whose backing file lies below a state root;
@@ -17,7 +17,9 @@ labkit names every kernel object it creates so that it can be found again after 
 
 Images stay, and so does the download cache (/var/cache/labkit). Running it twice is safe: the second run finds nothing.
 
-Layer: lab. Uses the kernel layer only.
+Layer: lab. Uses the kernel layer (mounts, cgroups, safe), the engine's daemon (to stop
+labkitd) and the lab's VM module (stray qemu processes); pyroute2 only when there are
+links to remove, since it is slow to import.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ import time
 from pathlib import Path
 
 from labkit import paths
-from labkit.errors import require_root
-from labkit.kernel import mounts
+from labkit.engine import daemon
+from labkit.errors import NotFound, require_root
+from labkit.kernel import cgroups, mounts, safe
+from labkit.lab.vm.strays import kill_stray_vms
 
 LOOP_CLR_FD = 0x4C01
 
@@ -39,15 +43,11 @@ LOOP_CLR_FD = 0x4C01
 def _gone(err: Exception) -> bool:
     """A cgroup may vanish while we walk the tree: a container's shim removes its own
     group once the container has exited. That is not an error for cleanup."""
-    from labkit.errors import NotFound
-
     return isinstance(err, NotFound) or getattr(err, "errno", None) in (errno.ENOENT, errno.ENODEV)
 
 
 def _each_cgroup(action) -> list[str]:
     """Run ``action(cgroup)`` on every labkit cgroup, deepest first; collect its lines."""
-    from labkit.kernel import cgroups
-
     done = []
     for name in sorted(cgroups.list_all(), key=lambda n: n.count("/"), reverse=True):
         try:
@@ -77,8 +77,6 @@ def _remove(cg) -> str:
 def _kill_vms() -> list[str]:
     """qemu processes named labkit-vm-<launcher pid>-... whose launcher is gone. A VM
     whose launcher still runs is in use (a test, a notebook cell) and stays."""
-    from labkit.lab.vm import kill_stray_vms
-
     return [f"killed VM process {pid}" for pid in kill_stray_vms()]
 
 
@@ -90,6 +88,16 @@ def _unmount_roots() -> list[str]:
     return done
 
 
+def _release_leases() -> list[str]:
+    """Undo every network lease of this state root (engine/endpoints.py): its rules,
+    veth and namespace, named in the lease that was written before any of them."""
+    from labkit.engine import endpoints
+
+    d = paths.endpoints_dir()
+    leases = sorted(f.stem for f in d.glob("*.json")) if d.is_dir() else []
+    return [f"released the network of container {cid[:12]}" for cid in leases if endpoints.release(cid)]
+
+
 def _remove_network(netns_prefix: str = paths.NETNS_PREFIX, link_prefix: str = paths.LINK_PREFIX,
                     table_prefix: str = paths.NFT_TABLE) -> list[str]:
     """Host links named lk*, network namespaces named labkit-* (in /run/netns and under the
@@ -97,7 +105,12 @@ def _remove_network(netns_prefix: str = paths.NETNS_PREFIX, link_prefix: str = p
     prefixes to their own objects."""
     from labkit.kernel import network  # cheap: pyroute2 loads only if there is a link to delete
 
-    return network.remove_all(netns_prefix, link_prefix, table_prefix)
+    done = network.remove_all(netns_prefix, link_prefix, table_prefix)
+    bridge = paths.bridge_name()  # labkit0, the one name outside lk*, and only for the default root
+    if link_prefix == paths.LINK_PREFIX and not bridge.startswith(link_prefix) and Path(f"/sys/class/net/{bridge}").exists():
+        network.delete(bridge)
+        done.append(f"removed link {bridge}")
+    return done
 
 
 def _detach_loops() -> list[str]:
@@ -122,8 +135,6 @@ def _remove_containers() -> list[str]:
     """Container directories (their upper layers, logs, bundles): with the live state gone
     they belong to no container any more. Deleted without following a symlink or
     crossing a mount, so a bind mount of a host directory cannot lose a file."""
-    from labkit.engine import safe
-
     top = paths.containers_dir()
     if not top.is_dir():
         return []
@@ -135,8 +146,6 @@ def _remove_containers() -> list[str]:
 
 
 def _stop_daemon() -> list[str]:
-    from labkit.engine import daemon
-
     if daemon.running_pid() is None:
         return []
     return [f"stopped labkitd (pid {daemon.stop()})"]
@@ -158,7 +167,7 @@ def cleanup() -> list[str]:
     done = _stop_daemon() + _each_cgroup(_kill) + _kill_vms()
     if done:
         time.sleep(0.05)  # let the killed processes exit before unmounting their roots
-    steps = (_unmount_roots, _remove_network, _detach_loops, lambda: _each_cgroup(_remove),
+    steps = (_unmount_roots, _release_leases, _remove_network, _detach_loops, lambda: _each_cgroup(_remove),
              _remove_run_state, _remove_containers)
     for step in steps:
         done += step()

@@ -20,11 +20,12 @@ from __future__ import annotations
 import os
 
 from labkit.errors import ExecFailed, LabkitError
-from labkit.kernel import syscalls
-from labkit.runtime import init
-from labkit.runtime.container import Stdio, _set_stdio, load, spec_of
+from labkit.kernel import cgroups, proc, syscalls
+from labkit.runtime import handshake, init
+from labkit.runtime.container import load, spec_of
 from labkit.runtime.spec import NAMESPACES
-from labkit.runtime.state import check
+from labkit.runtime.status import check
+from labkit.runtime.stdio import Stdio, set_stdio
 
 # setns order: the pid namespace first (it only affects children), the mount one last
 _ORDER = ("pid", "ipc", "uts", "network", "cgroup", "mount")
@@ -43,8 +44,6 @@ def exec_in(
     wait: bool = True,
 ) -> int:
     """Run ``args`` in the container; return its exit code (or its host pid with wait=False)."""
-    from labkit.kernel import cgroups
-
     state = load(container_id)
     check("exec", container_id, state.status)
     base = spec_of(container_id)
@@ -74,9 +73,7 @@ def exec_in(
             if grandchild == 0:
                 _enter(spec, cg, ns_fds, stdio, err_w)
             os.close(err_w)
-            status = os.waitpid(grandchild, 0)[1]
-            code = os.waitstatus_to_exitcode(status)
-            os._exit(128 - code if code < 0 else code)
+            os._exit(proc.exit_code(os.waitpid(grandchild, 0)[1]))
         finally:
             os._exit(1)
     for fd in (err_w, *ns_fds.values()):
@@ -89,8 +86,7 @@ def exec_in(
         raise ExecFailed(text, int(code))
     if not wait:
         return child
-    code = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
-    return 128 - code if code < 0 else code
+    return proc.exit_code(os.waitpid(child, 0)[1])
 
 
 def _enter(spec, cg, ns_fds: dict[str, int], stdio: Stdio, err_w: int) -> None:
@@ -99,15 +95,15 @@ def _enter(spec, cg, ns_fds: dict[str, int], stdio: Stdio, err_w: int) -> None:
         for fd in ns_fds.values():
             syscalls.setns(fd, 0)
             os.close(fd)
-        _set_stdio(stdio, spec.terminal)
+        set_stdio(stdio, spec.terminal)
         os.chdir("/")
         exe = init.find_executable(spec)
         init.finish_and_exec(spec, exe)
     except init.InitError as err:
-        init.send(err_w, f"error {err.code} {err}")
+        handshake.send(err_w, f"error {err.code} {err}")
         os._exit(err.code)
     except LabkitError as err:
-        init.send(err_w, f"error 1 {err.one_line()}")
+        handshake.send(err_w, f"error 1 {err.one_line()}")
     except BaseException as err:  # noqa: BLE001 - nothing may escape a forked child
-        init.send(err_w, f"error 1 exec: {err}")
+        handshake.send(err_w, f"error 1 exec: {err}")
     os._exit(1)

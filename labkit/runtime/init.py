@@ -1,26 +1,30 @@
 """The container's first process: everything it does between fork() and execve().
 
 This is the part of runc called ``runc init``. It runs in the child, already PID 1 of
-a new PID namespace, and turns itself into a container step by step, in the order you
-would write it by hand:
+a new PID namespace, and turns itself into a container one step at a time, in the
+order the notebooks build a container by hand:
 
- 1. new namespaces (mount, UTS, IPC, network, ...) with unshare(2)
- 2. make every mount private, so nothing we mount leaks back to the host
- 3. the root filesystem: an overlay of the image's layers (or the bundle's rootfs dir)
- 4. /proc, /dev (a tmpfs with only a few device nodes), /dev/pts, /dev/shm,
-    /dev/mqueue, /sys read-only, the cgroup files, the user's volumes
- 5. pivot_root into it, and unmount the old root: the host's files are gone
- 6. mask and write-protect the /proc and /sys files that leak host data
- 7. hostname, loopback up, resource limits
- 8. be in the container's cgroup: on cgroup v2 the parent moves us while we run steps
-    1-7 and we wait for its word; on v1 we moved ourselves before step 1, which is
-    cheaper (see V1Cgroup.join). Then wait until ``start`` (a fifo, like runc's exec.fifo)
- 9. drop capabilities, switch uid/gid, cd, execve the command
+ 1. new namespaces: mount, UTS, IPC, network ... with unshare(2)      (notebooks 02, 03)
+ 2. make every mount private, so nothing we mount leaks to the host   (notebook 04)
+ 3. the root filesystem: an overlay of the image's layers             (notebook 05)
+ 4. /proc, /dev, /dev/pts, /dev/shm, /sys read-only, the cgroup
+    files, the user's volumes: all inside the new root               (notebook 04)
+ 5. pivot_root into it, and drop the old root: the host's files are gone (notebook 04)
+ 6. hide the /proc and /sys files that leak host data                 (notebook 09)
+ 7. hostname, loopback up, resource limits                            (notebooks 02, 08)
+ 8. be in the container's cgroup                                      (notebooks 06, 07)
+ 9. say "created", wait for ``start`` at the exec fifo (handshake.py)
+10. drop capabilities, switch uid/gid, cd, execve the command         (notebook 09)
+
+Step 8 is where the cgroup is *known* to hold us. On cgroup v2 the shim moves us while
+we run steps 1-7 (a first move waits for the kernel, so it overlaps our work) and we
+wait for its word; on v1 we move ourselves before step 1, while the host's cgroup
+files are still in reach (V1Cgroup.join).
 
 Errors before execve go back to the parent as one line on the sync pipe, with the
 exit code Docker uses: 127 for a command that is not found, 126 for one that cannot be
-executed. Man pages: unshare(2), mount(2), mount_namespaces(7), pivot_root(2),
-capabilities(7), execve(2). Layer: runtime. Called by container.py in a forked child.
+executed. Man pages: unshare(2), mount_namespaces(7), pivot_root(2), capabilities(7),
+execve(2). Layer: runtime. Called by shim.py in the forked child.
 """
 
 from __future__ import annotations
@@ -31,32 +35,15 @@ import os
 import resource  # imported now: after pivot_root the host's Python library is gone
 import signal
 import socket
-import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from labkit.errors import LabkitError, SyscallError
-from labkit.kernel import security, syscalls
-from labkit.kernel.syscalls import CloneFlags, MountFlags, UmountFlags
-from labkit.runtime.spec import NAMESPACES, Mount, Spec
-
-# mount(8) option words -> (flag, set it?). Anything else goes to the filesystem as data.
-_OPTION_FLAGS = {
-    "ro": (MountFlags.MS_RDONLY, True), "rw": (MountFlags.MS_RDONLY, False),
-    "nosuid": (MountFlags.MS_NOSUID, True), "suid": (MountFlags.MS_NOSUID, False),
-    "nodev": (MountFlags.MS_NODEV, True), "dev": (MountFlags.MS_NODEV, False),
-    "noexec": (MountFlags.MS_NOEXEC, True), "exec": (MountFlags.MS_NOEXEC, False),
-    "relatime": (MountFlags.MS_RELATIME, True), "strictatime": (MountFlags.MS_STRICTATIME, True),
-    "noatime": (MountFlags.MS_NOATIME, True), "bind": (MountFlags.MS_BIND, True),
-    "rbind": (MountFlags.MS_BIND | MountFlags.MS_REC, True),
-}  # fmt: skip
-_PROPAGATION = {"private", "rprivate", "shared", "rshared", "slave", "rslave"}
-
-# The device nodes every container gets (runtime-spec "Default Devices"): name -> (major, minor)
-DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
-DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
-             "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}  # fmt: skip
+from labkit.kernel import mounts, security, syscalls
+from labkit.kernel.syscalls import CloneFlags, MountFlags
+from labkit.runtime import filesystem, handshake
+from labkit.runtime.spec import NAMESPACES, Spec
 
 EXIT_NOT_FOUND, EXIT_CANNOT_EXEC, EXIT_SETUP = 127, 126, 1
 
@@ -86,10 +73,10 @@ class InitError(Exception):
 def main(ctx: Context) -> None:
     """Run in the forked child; never returns (execve, or os._exit with an error)."""
     try:
-        exe = setup(ctx)
-        _wait_for_parent(ctx)  # in our cgroup before we say "created"
-        os.close(_wait_for_start(ctx))
-        finish_and_exec(ctx.spec, exe)
+        exe = setup(ctx)  # steps 1-7
+        wait_for_cgroup(ctx)  # 8. in our cgroup before we say "created"
+        os.close(wait_for_start(ctx))  # 9.
+        finish_and_exec(ctx.spec, exe)  # 10.
     except InitError as err:
         _report(ctx.sync_fd, err.code, str(err))
     except LabkitError as err:
@@ -105,7 +92,23 @@ def setup(ctx: Context) -> str:
     os.umask(0o022)  # what a shell in a Docker container starts with
     if ctx.join_cgroup is not None:  # (v1) step 8 comes first: the host's cgroupfs is still in reach
         ctx.join_cgroup()
-    # 1. namespaces: join the given ones, then make new ones (the PID one is already new)
+    enter_namespaces(ctx)  # 1.
+    mounts.make_private("/")  # 2.
+    filesystem.mount_rootfs(spec, ctx.rootfs)  # 3.
+    mount_inside(ctx)  # 4.
+    # exec.fifo lies outside the new root: keep an O_PATH fd that still reaches it
+    fifo = os.open(ctx.fifo, os.O_PATH | os.O_CLOEXEC)
+    mounts.pivot_into(ctx.rootfs)  # 5.
+    ctx.fifo = f"/proc/self/fd/{fifo}"
+    hide_host_files(spec)  # 6.
+    set_environment(spec)  # 7.
+    return find_executable(spec)
+
+
+def enter_namespaces(ctx: Context) -> None:
+    """1. Join the namespaces the spec names by path, then unshare(2) the new ones
+    (the PID namespace is new already: we were born in it)."""
+    spec = ctx.spec
     for ns_type, path in spec.namespace_paths:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -117,150 +120,55 @@ def setup(ctx: Context) -> str:
         if ns_type != "pid":
             flags |= _clone_flag(ns_type)
     if "cgroup" in spec.namespaces:
-        _wait_for_parent(ctx)  # a new cgroup namespace is rooted at the cgroup we are in now
+        wait_for_cgroup(ctx)  # a new cgroup namespace is rooted at the cgroup we are in now
     syscalls.unshare(flags)
-    if "mount" not in spec.namespaces:
-        raise InitError(EXIT_SETUP, "a container needs its own mount namespace ('mount' in linux.namespaces)")
-    # 2. no mount event may travel back to the host's mount table
-    syscalls.mount(None, "/", None, MountFlags.MS_REC | MountFlags.MS_PRIVATE)
-    # 3. the root filesystem, then 4. everything mounted inside it
-    root = ctx.rootfs
-    mount_rootfs(spec, root)
-    for m in spec.mounts:
-        mount_one(m, root, ctx.cgroup_dirs)
-    make_dev(root, ctx.console)
-    fifo = os.open(ctx.fifo, os.O_PATH | os.O_CLOEXEC)  # reachable after pivot_root
-    # 5. the new root becomes "/"; the old one is stacked under it and then dropped
-    pivot_into(root)
-    ctx.fifo = f"/proc/self/fd/{fifo}"
-    # 6. hide what /proc and /sys tell about the host
+
+
+def mount_inside(ctx: Context) -> None:
+    """4. Every mount of the spec, then the device nodes, below the new root."""
+    for m in ctx.spec.mounts:
+        filesystem.mount_one(m, ctx.rootfs, ctx.cgroup_dirs)
+    filesystem.make_dev(ctx.rootfs, ctx.console)
+
+
+def hide_host_files(spec: Spec) -> None:
+    """6. Mask and write-protect what /proc and /sys tell about the host; a read-only root."""
     for path in spec.masked_paths:
         security.mask_path(path)
     for path in spec.readonly_paths:
         security.readonly_path(path)
     if spec.readonly:
-        flags = MountFlags.MS_BIND | MountFlags.MS_REMOUNT | MountFlags.MS_RDONLY
-        syscalls.mount(None, "/", None, flags)
-    # 7. the rest of the environment
+        syscalls.mount(None, "/", None, MountFlags.MS_BIND | MountFlags.MS_REMOUNT | MountFlags.MS_RDONLY)
+
+
+def set_environment(spec: Spec) -> None:
+    """7. The hostname, a working loopback, the resource limits."""
     if "uts" in spec.namespaces and spec.hostname:
         syscalls.sethostname(spec.hostname)
     if "network" in spec.namespaces:
         loopback_up()
     for r in spec.rlimits:
         resource.setrlimit(getattr(resource, r.type), (r.soft, r.hard))
-    return find_executable(spec)
 
 
-def mount_rootfs(spec: Spec, root: str) -> None:
-    """Mount the root filesystem on ``root`` (pivot_root needs it to be a mount point)."""
-    if spec.layers:
-        # overlayfs(5): lowerdir top first; upper gets every write; work is its scratch
-        data = f"lowerdir={':'.join(spec.layers)},upperdir={spec.upper},workdir={spec.work}"
-        syscalls.mount("overlay", root, "overlay", 0, data)
-    else:
-        syscalls.mount(root, root, None, MountFlags.MS_BIND | MountFlags.MS_REC)
-
-
-def mount_one(m: Mount, root: str, cgroup_dirs: dict[str, str]) -> None:
-    """Mount one spec entry at its destination inside ``root`` (not yet pivoted)."""
-    flags, data = parse_options(m.options)
-    target = secure_join(root, m.destination)
-    if m.is_bind:
-        _make_target(target, is_dir=os.path.isdir(m.source))
-        syscalls.mount(m.source, target, None, flags | MountFlags.MS_BIND)
-        if flags & MountFlags.MS_RDONLY:  # a bind takes MS_RDONLY only on a remount
-            syscalls.mount(None, target, None, flags | MountFlags.MS_BIND | MountFlags.MS_REMOUNT)
+def wait_for_cgroup(ctx: Context) -> None:
+    """8. Block until the parent has put us into the container's cgroup (once)."""
+    if ctx.go_fd < 0:
         return
-    _make_target(target, is_dir=True)
-    if m.type == "cgroup":
-        mount_cgroups(target, flags, cgroup_dirs)
-        return
-    syscalls.mount(m.source, target, m.type, flags, data or None)
+    if not handshake.wait_go(ctx.go_fd):
+        raise InitError(EXIT_SETUP, "the parent went away before the container was created")
+    os.close(ctx.go_fd)
+    ctx.go_fd = -1
 
 
-def mount_cgroups(target: str, flags: int, cgroup_dirs: dict[str, str]) -> None:
-    """/sys/fs/cgroup shows the container only its own cgroup, read-only.
-
-    cgroup v1 (what runc does): a tmpfs with one directory per controller, each a bind
-    mount of the container's directory in that hierarchy. cgroup v2: a bind of its one
-    directory. Without a cgroup the container sees an empty tmpfs.
-    """
-    ro = MountFlags.MS_BIND | MountFlags.MS_REMOUNT | MountFlags.MS_RDONLY
-    plain = flags & ~(MountFlags.MS_RDONLY | MountFlags.MS_BIND | MountFlags.MS_REC)
-    if set(cgroup_dirs) == {""}:  # v2: one tree
-        syscalls.mount(cgroup_dirs[""], target, None, MountFlags.MS_BIND)
-        syscalls.mount(None, target, None, ro | plain)
-        return
-    syscalls.mount("tmpfs", target, "tmpfs", plain, "mode=755")
-    for controller, host_dir in sorted(cgroup_dirs.items()):
-        sub = os.path.join(target, controller)
-        os.mkdir(sub)
-        syscalls.mount(host_dir, sub, None, MountFlags.MS_BIND)
-        syscalls.mount(None, sub, None, ro | plain)
-    syscalls.mount(None, target, None, MountFlags.MS_REMOUNT | MountFlags.MS_RDONLY | plain)
-
-
-def make_dev(root: str, console: str | None) -> None:
-    """Fill the /dev tmpfs: six device nodes, the usual links, and the console."""
-    dev = secure_join(root, "/dev")
-    for name, (major, minor) in DEVICES.items():
-        path = os.path.join(dev, name)
-        if not os.path.lexists(path):
-            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
-            os.chmod(path, 0o666)  # the umask took bits away from mknod's mode
-    for name, target in DEV_LINKS.items():
-        path = os.path.join(dev, name)
-        if not os.path.lexists(path):
-            os.symlink(target, path)
-    if console:
-        path = os.path.join(dev, "console")
-        if not os.path.lexists(path):
-            open(path, "w").close()
-        syscalls.mount(console, path, None, MountFlags.MS_BIND)
-
-
-def pivot_into(root: str) -> None:
-    """pivot_root(".", "."): the old root ends up stacked under the new one; detach it.
-
-    This is runc's trick: no put_old directory is needed, and after the lazy unmount
-    nothing of the host's file tree is reachable from this mount namespace.
-    """
-    os.chdir(root)
-    syscalls.pivot_root(".", ".")
-    syscalls.umount2(".", UmountFlags.MNT_DETACH)
-    os.chdir("/")
-
-
-def loopback_up() -> None:
-    """`ip link set lo up` without netlink: the SIOCSIFFLAGS ioctl (netdevice(7))."""
-    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        ifreq = struct.pack("16sh14x", b"lo", 0)
-        flags = struct.unpack("16sh14x", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh14x", b"lo", flags | IFF_UP))
-
-
-def find_executable(spec: Spec) -> str:
-    """execvp's search, done now so a missing command is an error of `create`, as in runc."""
-    name = spec.args[0]
-    env = dict(e.split("=", 1) for e in spec.env)
-    if "/" in name:
-        candidates = [name if name.startswith("/") else os.path.join(spec.cwd, name)]
-    else:
-        candidates = [os.path.join(d or ".", name) for d in env.get("PATH", "").split(":")]
-    for path in candidates:
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    for path in candidates:
-        if os.path.exists(path):
-            raise InitError(EXIT_CANNOT_EXEC, f'exec: "{name}": permission denied')
-    if "/" in name:
-        raise InitError(EXIT_NOT_FOUND, f'exec: "{name}": stat {name}: no such file or directory')
-    raise InitError(EXIT_NOT_FOUND, f'exec: "{name}": executable file not found in $PATH')
+def wait_for_start(ctx: Context) -> int:
+    """9. Tell the parent we are created, then block on exec.fifo until `start` opens it."""
+    handshake.send(ctx.sync_fd, "created")
+    return handshake.wait_for_start(ctx.fifo)
 
 
 def finish_and_exec(spec: Spec, exe: str) -> None:
-    """Step 9: become the user's process. After this, only the kernel can help."""
+    """10. Become the user's process. After this, only the kernel can help."""
     if spec.no_new_privileges:
         security.set_no_new_privs()
     security.drop_bounding(spec.capabilities)  # needs CAP_SETPCAP: before the switch
@@ -294,59 +202,36 @@ def finish_and_exec(spec: Spec, exe: str) -> None:
         raise InitError(code, f'exec: "{spec.args[0]}": {err.strerror.lower()}')
 
 
+
 # -- helpers ------------------------------------------------------------------------------
 
 
-def secure_join(root: str, path: str) -> str:
-    """``root/path`` with every symlink resolved as if ``root`` were ``/``.
-
-    An image may contain ``/proc -> /etc``, or ``/data -> /``: following such a link on
-    the host side would mount over the host's own files. Here ``..`` and absolute link
-    targets never climb above ``root`` (the same idea as Go's filepath-securejoin).
-    """
-    parts = [p for p in path.split("/") if p not in ("", ".")]
-    done: list[str] = []
-    hops = 0
-    while parts:
-        part = parts.pop(0)
-        if part == "..":
-            if done:
-                done.pop()
-            continue
-        here = os.path.join(root, *done, part)
-        if os.path.islink(here):
-            hops += 1
-            if hops > 40:
-                raise SyscallError(errno.ELOOP, "secure_join", repr(path))
-            target = os.readlink(here)
-            if target.startswith("/"):
-                done = []
-            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-            continue
-        done.append(part)
-    return os.path.join(root, *done)
+def loopback_up() -> None:
+    """`ip link set lo up` without netlink: the SIOCSIFFLAGS ioctl (netdevice(7))."""
+    SIOCGIFFLAGS, SIOCSIFFLAGS, IFF_UP = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        ifreq = struct.pack("16sh14x", b"lo", 0)
+        flags = struct.unpack("16sh14x", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh14x", b"lo", flags | IFF_UP))
 
 
-def parse_options(options: tuple[str, ...]) -> tuple[int, str]:
-    """mount(8) options -> (MS_* flags, filesystem data string)."""
-    flags, data = 0, []
-    for opt in options:
-        if opt in _OPTION_FLAGS:
-            bit, on = _OPTION_FLAGS[opt]
-            flags = flags | bit if on else flags & ~bit
-        elif opt not in _PROPAGATION:
-            data.append(opt)
-    return flags, ",".join(data)
-
-
-def _make_target(target: str, is_dir: bool) -> None:
-    if os.path.lexists(target):
-        return
-    if is_dir:
-        os.makedirs(target, exist_ok=True)
+def find_executable(spec: Spec) -> str:
+    """execvp's search, done now so a missing command is an error of `create`, as in runc."""
+    name = spec.args[0]
+    env = dict(e.split("=", 1) for e in spec.env)
+    if "/" in name:
+        candidates = [name if name.startswith("/") else os.path.join(spec.cwd, name)]
     else:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        open(target, "a").close()
+        candidates = [os.path.join(d or ".", name) for d in env.get("PATH", "").split(":")]
+    for path in candidates:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    for path in candidates:
+        if os.path.exists(path):
+            raise InitError(EXIT_CANNOT_EXEC, f'exec: "{name}": permission denied')
+    if "/" in name:
+        raise InitError(EXIT_NOT_FOUND, f'exec: "{name}": stat {name}: no such file or directory')
+    raise InitError(EXIT_NOT_FOUND, f'exec: "{name}": executable file not found in $PATH')
 
 
 def _clone_flag(ns_type: str) -> int:
@@ -357,35 +242,8 @@ def _clone_flag(ns_type: str) -> int:
     }[NAMESPACES[ns_type]]  # fmt: skip
 
 
-def _wait_for_parent(ctx: Context) -> None:
-    """Block until the parent has put us into the container's cgroup (once)."""
-    if ctx.go_fd < 0:
-        return
-    if not os.read(ctx.go_fd, 1):
-        raise InitError(EXIT_SETUP, "the parent went away before the container was created")
-    os.close(ctx.go_fd)
-    ctx.go_fd = -1
-
-
-def _wait_for_start(ctx: Context) -> int:
-    """Tell the parent we are created, then block on exec.fifo until `start` reads it."""
-    send(ctx.sync_fd, "created")
-    fd = os.open(ctx.fifo, os.O_WRONLY | os.O_CLOEXEC)  # blocks here: this is "created"
-    os.write(fd, b"0")
-    return fd
-
-
-def send(fd: int, line: str) -> None:
-    """One line on the sync pipe; a parent that stopped listening is not an error."""
-    try:
-        os.write(fd, (line.replace("\n", " ") + "\n").encode())
-    except OSError:
-        pass
-
-
 def _report(sync_fd: int, code: int, message: str) -> None:
-    try:
-        os.write(sync_fd, f"error {code} {message}\n".replace("\n", " ").strip().encode() + b"\n")
-    except OSError:  # nobody listens any more (after `start`): the log/terminal gets it
+    """Send ``error CODE MESSAGE`` and exit; after `start` nobody listens: stderr gets it."""
+    if not handshake.send(sync_fd, f"error {code} {message}".strip()):
         os.write(2, f"labkit: {message}\n".encode())
     os._exit(code)

@@ -16,16 +16,12 @@ import dataclasses
 from labkit.errors import InvalidValue
 from labkit.kernel.cgroups.limits import CPU_PERIOD_US, UNLIMITED, DeviceRate, Limits
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms at every start)
-if TYPE_CHECKING:
-    from typing import Any
-
 _IO = {"io_read_bps": "throttleReadBpsDevice", "io_write_bps": "throttleWriteBpsDevice",
        "io_read_iops": "throttleReadIOPSDevice", "io_write_iops": "throttleWriteIOPSDevice"}  # fmt: skip
 
 
-def to_oci(limits: Limits) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def to_oci(limits: Limits) -> dict[str, object]:
+    out: dict[str, object] = {}
     memory: dict[str, int] = {}
     if limits.memory is not None:
         memory["limit"] = limits.memory
@@ -33,7 +29,7 @@ def to_oci(limits: Limits) -> dict[str, Any]:
         memory["swap"] = limits.memory_swap  # OCI's swap is memory + swap, as Docker's
     if memory:
         out["memory"] = memory
-    cpu: dict[str, Any] = {}
+    cpu: dict[str, object] = {}
     if limits.shares() is not None:
         cpu["shares"] = limits.shares()
     if limits.cpu_quota_us is not None:
@@ -55,9 +51,9 @@ def to_oci(limits: Limits) -> dict[str, Any]:
     return out
 
 
-def from_oci(res: dict[str, Any]) -> Limits | None:
+def from_oci(res: dict[str, object]) -> Limits | None:
     """A Limits from linux.resources; device rules (runc's allow-list) are not limits."""
-    given: dict[str, Any] = {}
+    given: dict[str, object] = {}
     memory = res.get("memory") or {}
     if memory.get("limit") not in (None, 0, -1):
         given["memory"] = int(memory["limit"])

@@ -26,10 +26,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from labkit import paths
-from labkit.errors import InvalidValue, NotFound, Unsupported, require_root
+from labkit.errors import InvalidValue, NotFound, require_root
 
 from .base import Cgroup, CgroupStats, IoStat, check_name
-from .detect import available_controllers, mode, version
+from .detect import available_controllers, check_supported, mode, v1_bases, v2_base, version
 from .limits import DeviceRate, Limits, shares_to_weight, weight_to_shares
 from .watch import Sample, record
 
@@ -41,7 +41,7 @@ __all__ = [
 
 
 def _impl() -> type[Cgroup]:
-    # imported here so that the version not in use is never loaded
+    """The Cgroup class for this machine's version: the factory loads only that one."""
     if version() == 2:
         from .v2 import V2Cgroup
 
@@ -51,40 +51,7 @@ def _impl() -> type[Cgroup]:
     return V1Cgroup
 
 
-# limit field -> the controller it needs, in each version's names
-_NEEDS = {
-    "memory": ("memory", "memory"), "memory_swap": ("memory", "memory"), "memory_high": (None, "memory"),
-    "cpu_quota_us": ("cpu", "cpu"), "cpu_shares": ("cpu", "cpu"), "cpu_weight": ("cpu", "cpu"),
-    "pids": ("pids", "pids"), "cpuset_cpus": ("cpuset", "cpuset"),
-    "io_read_bps": ("blkio", "io"), "io_write_bps": ("blkio", "io"),
-    "io_read_iops": ("blkio", "io"), "io_write_iops": ("blkio", "io"),
-}
-
-
-def check_supported(limits: Limits) -> None:
-    """Raise Unsupported if a limit that is set needs what this kernel lacks."""
-    given = limits.given()
-    if not given:
-        return
-    v, here = version(), mode()
-    available = available_controllers()
-    for name in given:
-        controller = _NEEDS[name][v - 1]
-        if controller is None:
-            file = name.replace("_", ".")
-            raise Unsupported(f"{name} needs cgroup v2 ({file}); this machine runs cgroup {here}")
-        if controller not in available:
-            raise Unsupported(f"{name} needs the {controller} controller, which cgroup {here} does not offer "
-                              f"here (available: {', '.join(sorted(available)) or 'none'})")
-    if v == 1 and "memory_swap" in given:
-        from .detect import v1_bases
-
-        if not (v1_bases()["memory"] / "memory.memsw.limit_in_bytes").exists():
-            raise Unsupported("memory_swap needs swap accounting (memory.memsw.* files): "
-                              "boot with swapaccount=1")
-
-
-_check_supported = check_supported  # the name Cgroup.set() and older callers use
+_check_supported = check_supported  # the name older callers use
 
 
 def create(name: str, limits: Limits | None = None, **given: object) -> Cgroup:
@@ -120,11 +87,7 @@ def open(name: str) -> Cgroup:
 def _parents() -> list[Path]:
     """Every ``labkit`` parent directory: one per hierarchy on v1, one on v2."""
     if version() == 2:
-        from .detect import v2_base
-
         return [v2_base() / paths.CGROUP_PARENT]
-    from .detect import v1_bases
-
     return sorted({base / paths.CGROUP_PARENT for base in v1_bases().values()})
 
 

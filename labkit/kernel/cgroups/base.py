@@ -24,16 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from signal import SIGKILL, SIGTERM
 
-from labkit import paths
+from labkit import paths, poll
 from labkit.errors import CgroupError, InvalidValue, StateError
 
+from .detect import check_supported
 from .limits import Limits
-
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms at every start)
-if TYPE_CHECKING:
-    from typing import Self
-
-    from .watch import Sample
 
 _NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _NAME_FORM = "letters, digits, '-' and '_', nested with '/', e.g. containers/abc123"
@@ -139,7 +134,7 @@ class Cgroup(abc.ABC):
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} v{self.version} {self.path}>"
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Cgroup:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -195,8 +190,6 @@ class Cgroup(abc.ABC):
         Everything is validated first; the kernel then applies each file on its own
         (lowering memory below what is in use makes the kernel reclaim or OOM-kill).
         """
-        from . import check_supported  # the factory knows what this machine offers
-
         parsed = Limits.parse(**limits)
         check_supported(parsed)
         self.apply(parsed)
@@ -214,8 +207,8 @@ class Cgroup(abc.ABC):
         """Move the calling process into the group (``add(0)``).
 
         Any write to cgroup.procs takes a kernel-wide lock whose first writer waits for
-        an RCU grace period: ~10 ms on a 250 Hz kernel. cgroup v1 overrides this with a
-        way around it.
+        an RCU grace period (a few timer ticks). cgroup v1 overrides this with a way
+        around it.
         """
         self.add(0)
 
@@ -258,14 +251,10 @@ class Cgroup(abc.ABC):
             self.signal(sig)
             return
         self._kill_all()
-        deadline = time.monotonic() + timeout
-        delay = self.POLL_S
-        while self.signal(SIGKILL) or self.procs(recursive=True):
-            if time.monotonic() > deadline:
-                left = self.procs(recursive=True)
-                raise StateError(f"cgroup {self.name} still holds {left} after {timeout} s of SIGKILL")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        if not poll.until(lambda: not (self.signal(SIGKILL) or self.procs(recursive=True)), timeout,
+                          first=self.POLL_S):  # fmt: skip
+            left = self.procs(recursive=True)
+            raise StateError(f"cgroup {self.name} still holds {left} after {timeout} s of SIGKILL")
 
     def _kill_all(self) -> None:
         """The version's fast path for SIGKILL (v2 cgroup.kill); nothing by default."""
@@ -290,13 +279,10 @@ class Cgroup(abc.ABC):
         if self._rmdir_each(keep_parents):
             return
         deadline = time.monotonic() + timeout
-        delay = self.POLL_S
-        while left := self.procs(recursive=True):
-            if time.monotonic() > deadline:
-                raise StateError(f"cannot remove cgroup {self.name}: processes {left} are still in it "
-                                 "(kill() them or wait for them to exit)")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        if not poll.until(lambda: not self.procs(recursive=True), timeout, first=self.POLL_S):
+            left = self.procs(recursive=True)
+            raise StateError(f"cannot remove cgroup {self.name}: processes {left} are still in it "
+                             "(kill() them or wait for them to exit)")
         for d in self.dirs():
             for sub in reversed(list(_walk(d))):  # deepest first: rmdir needs no children
                 _rmdir(sub, deadline)
@@ -317,8 +303,6 @@ class Cgroup(abc.ABC):
 
     def watch(self, interval: float = 0.2, duration: float | None = None) -> Iterator[Sample]:
         """Samples of CPU %, memory and pids every ``interval`` s (see watch.py)."""
-        from .watch import watch
-
         return watch(self, interval=interval, duration=duration)
 
 
@@ -337,18 +321,19 @@ def _walk(d: Path) -> Iterator[Path]:
 def _rmdir(d: Path, deadline: float) -> None:
     # Right after the last process exits the kernel may still count it (v2 updates
     # "populated" asynchronously; v1 memory needs a moment), and rmdir says EBUSY.
-    delay = Cgroup.POLL_S
-    while True:
+    def removed() -> bool:
         try:
             os.rmdir(d)
-            return
         except FileNotFoundError:
-            return
+            pass
         except OSError as err:
-            if err.errno != errno.EBUSY or time.monotonic() > deadline:
+            if err.errno != errno.EBUSY:
                 raise CgroupError(err.errno or errno.EIO, str(d), "rmdir") from None
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+            return False
+        return True
+
+    if not poll.until(removed, max(0.0, deadline - time.monotonic()), first=Cgroup.POLL_S):
+        raise CgroupError(errno.EBUSY, str(d), "rmdir")
 
 
 def undo_mkdirs(made: list[Path]) -> None:
@@ -378,3 +363,7 @@ def _try_rmdir(d: Path) -> bool:
         return True
     except OSError:  # EBUSY/ENOTEMPTY: another group or a process still uses it
         return False
+
+
+# At the end: watch.py builds on Cgroup, which must exist before it is imported.
+from .watch import Sample, watch  # noqa: E402

@@ -19,13 +19,17 @@ Layer: kernel. Used by cgroups/__init__.py, v1.py and v2.py, and by ``labkit doc
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from labkit import paths
+from labkit.errors import Unsupported
 from labkit.kernel import mounts
+
+from .limits import Limits
 
 CGROUP2_SUPER_MAGIC = 0x63677270  # statfs(2) f_type of a cgroup2 mount ("cgrp")
 
@@ -38,15 +42,11 @@ V2_CONTROLLERS = ("cpu", "cpuset", "io", "memory", "pids")
 
 @functools.cache
 def _statfs():
-    import ctypes
-
     return ctypes.CDLL(None, use_errno=True).statfs
 
 
 def _fs_type(path: str) -> int | None:
     """statfs(2) f_type. Python has no statfs, so call it through ctypes."""
-    import ctypes
-
     buf = ctypes.create_string_buffer(128)  # struct statfs is 120 bytes on 64-bit Linux
     if _statfs()(os.fsencode(path), buf) != 0:
         return None
@@ -199,3 +199,34 @@ def available_controllers() -> set[str]:
         return set((v2_base() / "cgroup.controllers").read_text().split())
     except OSError:
         return set()
+
+
+# limit field -> the controller it needs, in each version's names
+_NEEDS = {
+    "memory": ("memory", "memory"), "memory_swap": ("memory", "memory"), "memory_high": (None, "memory"),
+    "cpu_quota_us": ("cpu", "cpu"), "cpu_shares": ("cpu", "cpu"), "cpu_weight": ("cpu", "cpu"),
+    "pids": ("pids", "pids"), "cpuset_cpus": ("cpuset", "cpuset"),
+    "io_read_bps": ("blkio", "io"), "io_write_bps": ("blkio", "io"),
+    "io_read_iops": ("blkio", "io"), "io_write_iops": ("blkio", "io"),
+}
+
+
+def check_supported(limits: Limits) -> None:
+    """Raise Unsupported if a limit that is set needs what this kernel lacks."""
+    given = limits.given()
+    if not given:
+        return
+    v, here = version(), mode()
+    available = available_controllers()
+    for name in given:
+        controller = _NEEDS[name][v - 1]
+        if controller is None:
+            file = name.replace("_", ".")
+            raise Unsupported(f"{name} needs cgroup v2 ({file}); this machine runs cgroup {here}")
+        if controller not in available:
+            raise Unsupported(f"{name} needs the {controller} controller, which cgroup {here} does not offer "
+                              f"here (available: {', '.join(sorted(available)) or 'none'})")
+    if v == 1 and "memory_swap" in given:
+        if not (v1_bases()["memory"] / "memory.memsw.limit_in_bytes").exists():
+            raise Unsupported("memory_swap needs swap accounting (memory.memsw.* files): "
+                              "boot with swapaccount=1")

@@ -25,10 +25,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import time
 from pathlib import Path
 
-from labkit import paths
+from labkit import paths, poll
 from labkit.errors import AlreadyExists, CgroupError, StateError
 
 from . import detect
@@ -75,7 +74,7 @@ class V1Cgroup(Cgroup):
         return group
 
     def join(self) -> None:
-        """Move the calling process into the group, without the ~10 ms wait of ``add()``.
+        """Move the calling process into the group, without the grace-period wait of ``add()``.
 
         A process with one thread moves itself by writing "0" to each hierarchy's
         ``tasks`` file: moving just the calling thread needs no kernel-wide lock (see
@@ -126,15 +125,10 @@ class V1Cgroup(Cgroup):
     # -- freezer ------------------------------------------------------------------------
     def _wait_state(self, want: str, timeout: float) -> None:
         state_file = self.paths["freezer"] / "freezer.state"
-        deadline = time.monotonic() + timeout
-        delay = self.POLL_S
-        while (state := read(state_file).strip()) != want:
-            # FREEZING: some task has not reached the refrigerator yet (e.g. in a syscall)
-            if time.monotonic() > deadline:
-                raise StateError(f"cgroup {self.name} is {state} after {timeout} s, not {want} "
-                                 f"({state_file})")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        # FREEZING: some task has not reached the refrigerator yet (e.g. in a syscall)
+        if not poll.until(lambda: read(state_file).strip() == want, timeout, first=self.POLL_S):
+            state = read(state_file).strip()
+            raise StateError(f"cgroup {self.name} is {state} after {timeout} s, not {want} ({state_file})")
 
     def freeze(self, timeout: float = 5.0) -> None:
         write(self.paths["freezer"] / "freezer.state", "FROZEN")

@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import errno
 import os
-import time
 from pathlib import Path
 
-from labkit import paths
+from labkit import paths, poll
 from labkit.errors import AlreadyExists, CgroupError, StateError
 
 from . import detect
@@ -99,13 +98,8 @@ class V2Cgroup(Cgroup):
     # -- freezer (part of the core on v2, no controller needed) ------------------------
     def _wait_frozen(self, want: int, timeout: float) -> None:
         events = self.path / "cgroup.events"
-        deadline = time.monotonic() + timeout
-        delay = self.POLL_S
-        while read_keyed(events).get("frozen", 0) != want:
-            if time.monotonic() > deadline:
-                raise StateError(f"cgroup {self.name} did not reach frozen {want} in {timeout} s ({events})")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        if not poll.until(lambda: read_keyed(events).get("frozen", 0) == want, timeout, first=self.POLL_S):
+            raise StateError(f"cgroup {self.name} did not reach frozen {want} in {timeout} s ({events})")
 
     def freeze(self, timeout: float = 5.0) -> None:
         write(self.path / "cgroup.freeze", 1)

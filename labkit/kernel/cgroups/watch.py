@@ -14,11 +14,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+
 from labkit.errors import CgroupError
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~2 ms at every start)
-if TYPE_CHECKING:
-    from .base import Cgroup, CgroupStats
+from .base import Cgroup, CgroupStats
 
 
 @dataclass(frozen=True)

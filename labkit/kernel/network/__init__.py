@@ -25,7 +25,8 @@ from labkit.kernel.network import nat as _nat
 from labkit.kernel.network import netns as _netns
 from labkit.kernel.network.links import (
     Address, Link, Route, add_address, add_route, addresses, bridge, check_interface, check_link_name,
-    check_network, delete, forwarding, link, links, move, routes, set_forwarding, set_master, set_up, veth,
+    check_network, delete, forwarding, link, links, move, routes, set_conf, set_forwarding, set_master,
+    set_up, veth,
 )
 from labkit.kernel.network.nat import Rule, Table, check_port, nft, tables
 from labkit.kernel.network.netns import NetNS, call_in, namespaces
@@ -33,7 +34,7 @@ from labkit.kernel.network.netns import NetNS, call_in, namespaces
 __all__ = [
     "Address", "Link", "NetNS", "Route", "Rule", "Table", "add_address", "add_route", "addresses", "bridge",
     "call_in", "check_interface", "check_link_name", "check_network", "check_port", "delete", "forwarding",
-    "link", "links", "move", "namespaces", "nft", "remove_all", "routes", "set_forwarding", "set_master",
+    "link", "links", "move", "namespaces", "nft", "remove_all", "routes", "set_conf", "set_forwarding", "set_master",
     "set_up", "tables", "veth",
 ]
 

@@ -312,6 +312,22 @@ def set_forwarding(enabled: bool = True, netns: Netns = None) -> None:
         write() if ns is None else ns.call(write)
 
 
+def set_conf(name: str, key: str, value: str, netns: Netns = None) -> None:
+    """``sysctl -w net.ipv4.conf.NAME.KEY=VALUE``: a per-link IPv4 setting
+    (``route_localnet``, ``rp_filter``...; Documentation/networking/ip-sysctl.rst)."""
+    check_link_name(name, on_host=False)
+    if not re.fullmatch(r"[a-z_]{1,32}", key):
+        raise InvalidValue("sysctl key", key, "a net.ipv4.conf key such as route_localnet")
+    require_root(f"setting net.ipv4.conf.{name}.{key}")
+
+    def write() -> None:
+        with open(f"/proc/sys/net/ipv4/conf/{name}/{key}", "w") as f:
+            f.write(value)
+
+    with _ns(netns) as ns:
+        write() if ns is None else ns.call(write)
+
+
 def forwarding(netns: Netns = None) -> bool:
     def read() -> bool:
         with open("/proc/sys/net/ipv4/ip_forward") as f:

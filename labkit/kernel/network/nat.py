@@ -276,6 +276,18 @@ class Table:
         nft([self._rule("forward", [_match(_meta("iifname"), bridge), {"accept": None}], tag),
              self._rule("forward", [_match(_meta("oifname"), bridge), {"accept": None}], tag)], self.netns)
 
+    def publish_loopback(self, bridge: str, *, tag: str = "") -> None:
+        """Published ports on 127.0.0.1 too: DNAT what the host sends to its loopback
+        addresses, and masquerade it as it leaves into ``bridge`` (a container cannot
+        answer 127.0.0.1). The kernel routes a 127/8 packet out of a link only where that
+        link's ``route_localnet`` is 1 (``links.set_conf``): Docker's ``userland-proxy:
+        false`` does the same."""
+        check_link_name(bridge, on_host=False)
+        loopback = {"prefix": {"addr": "127.0.0.0", "len": 8}}
+        nft([self._rule("output", [_match(_ip("daddr"), loopback), LOCAL, {"jump": {"target": "published"}}], tag),
+             self._rule("postrouting", [_match(_ip("saddr"), loopback), _match(_meta("oifname"), bridge),
+                                        {"masquerade": None}], tag)], self.netns)
+
     def rules(self) -> list[Rule]:
         """The table's rules, in chain order, each with its handle and its nft text."""
         found = nft([{"list": {"table": {"family": FAMILY, "name": self.name}}}], self.netns)

@@ -22,6 +22,8 @@ Layer: lab. Built into the initramfs by ``labkit.lab.vm.initramfs``.
 
 from __future__ import annotations
 
+from labkit.runtime.spec import DEFAULT_PATH
+
 PORT_NAME = "labkit.ctl"  # the virtserialport's name=, found in /sys/class/virtio-ports/*/name
 HOST_ROOT_TAG = "hostroot"  # the 9p mount_tag of the host's / share
 READY = b"@@labkit-ready "
@@ -59,7 +61,7 @@ exec /.labkit/busybox sh /.labkit/agent
 
 # /.labkit/agent: PID 1 from here on, in the initramfs or on the host's root.
 AGENT = r"""BB=/.labkit/busybox
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TERM=dumb
+export PATH=@DEFAULT_PATH@ HOME=/root TERM=dumb
 # /run is a fresh tmpfs. Temporary files and labkit's state go there, not to /tmp: with the
 # host's root, / is an overlay, and an overlay's upper dir cannot sit on another overlay;
 # /tmp stays the host's (read-only below, writable above), where a checkout may live.
@@ -104,4 +106,4 @@ done
 # the host closed the channel: power off (qemu exits)
 $BB sync
 $BB poweroff -f
-"""
+""".replace("@DEFAULT_PATH@", DEFAULT_PATH)

@@ -18,12 +18,13 @@ allow (openat(2), unlinkat(2), fstatat(2)):
   top of the tree, a second guard against a mount appearing half-way;
 - the tree must lie inside ``within`` (labkit's state root by default).
 
-    >>> from labkit.engine import safe
+    >>> from labkit.kernel import safe
     >>> safe.remove_tree("/var/lib/labkit/containers/abc")    # doctest: +SKIP
     1234
 
-Layer: engine. Used by images (removing layers) and by the runtime and store
-(removing container directories).
+Man pages: openat(2), unlinkat(2), fstatat(2), proc(5) "/proc/pid/mountinfo".
+Layer: kernel. Used by the engine (removing layers and image trees), the runtime
+(removing container directories) and cleanup.
 """
 
 from __future__ import annotations

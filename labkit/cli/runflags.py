@@ -1,0 +1,124 @@
+"""``labkit run``'s flags, turned into a Spec: Docker's defaults, the image's config, the flags.
+
+``-m 64m --cpus 0.5 --pids-limit 20`` become cgroup Limits, ``-v`` bind mounts,
+``--cap-add``/``--cap-drop`` the capability set, ``-u`` a uid and gid (looked up in the
+image's /etc/passwd). Everything is checked here; nothing is created.
+
+Layer: the CLI. Calls labkit.runtime.spec, labkit.engine.images, labkit.kernel.security.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from labkit.engine import images
+from labkit.errors import InvalidValue, NotFound
+from labkit.kernel import security
+from labkit.kernel.cgroups import Limits
+from labkit.runtime import state as st
+from labkit.runtime.spec import DEFAULT_PATH, Mount, Spec, docker_mounts
+
+
+def build_spec(args: argparse.Namespace, container_id: str):
+    """The Spec for `labkit run`'s flags, and the image; everything is checked."""
+    limits = Limits.parse(memory=args.memory, memory_swap=args.memory_swap, cpus=args.cpus,
+                          cpu_shares=args.cpu_shares, pids=args.pids_limit)  # fmt: skip
+    mode = network_mode(args.network)
+    volumes = [_volume(v) for v in args.volume]
+    caps = _capabilities(args.cap_add, args.cap_drop)
+    image = images.get(args.image)
+    cfg = image.config
+    argv = list(cfg.entrypoint) + (list(args.cmd) if args.cmd else list(cfg.cmd))
+    if not argv:
+        raise InvalidValue("command", "", f"a command: image {args.image} has no CMD, so name one after it")
+    env = {e.split("=", 1)[0]: e for e in (cfg.env or [f"PATH={DEFAULT_PATH}"])}
+    for item in args.env:
+        key, eq, _ = item.partition("=")
+        if not key:
+            raise InvalidValue("environment variable", item, "KEY=VALUE or KEY")
+        env[key] = item if eq else f"{key}={os.environ.get(key, '')}"
+    if args.tty:
+        env.setdefault("TERM", "TERM=xterm")
+    env.setdefault("HOSTNAME", f"HOSTNAME={args.hostname or container_id[:12]}")
+    uid, gid = user_ids(args.user or cfg.user, image.layers)
+    # a network namespace of its own only with --network none: the others join one (or the host's)
+    namespaces = tuple(n for n in ("mount", "network", "uts", "pid", "ipc") if n != "network" or mode == "none")
+    lib = st.data_dir(container_id)
+    mounts = docker_mounts() + tuple(Mount(dst, "bind", src, ("rbind", "ro" if ro else "rw")) for src, dst, ro in volumes)
+    return Spec(
+        args=tuple(argv), env=tuple(env.values()), cwd=args.workdir or cfg.working_dir or "/", uid=uid, gid=gid,
+        hostname=args.hostname or container_id[:12], rootfs=str(st.container_dir(container_id) / "rootfs"),
+        readonly=args.read_only, layers=tuple(str(p) for p in image.layers), upper=str(lib / "upper"),
+        work=str(lib / "work"), mounts=mounts, namespaces=namespaces, limits=limits if limits.given() else None,
+        capabilities=caps, terminal=args.tty,
+    ).validate(), image  # fmt: skip
+
+
+def network_mode(text: str) -> str:
+    """``--network``: bridge, none, host, container:NAME or a user-defined network's
+    name; checked now (a network that does not exist is one line, nothing made)."""
+    from labkit.engine import networks
+
+    if text.startswith("container:"):
+        if not text[len("container:"):]:
+            raise InvalidValue("network", text, "container:NAME, naming a running container")
+        return text
+    networks.get(text)  # NotFound: "no such network"
+    return text
+
+
+def published(args: argparse.Namespace, image) -> list:
+    """``-p`` and ``-P`` -> port mappings (host port 0 where one is to be chosen)."""
+    from labkit.engine import ports
+
+    wanted = [m for p in args.publish for m in ports.parse(p)]
+    if args.publish_all:
+        wanted += ports.exposed(image.config.exposed_ports)
+    return wanted
+
+
+def _volume(text: str) -> tuple[str, str, bool]:
+    parts = text.split(":")
+    form = "HOST_PATH:CONTAINER_PATH[:ro|rw] with absolute paths, e.g. /tmp/data:/data:ro"
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("ro", "rw")):
+        raise InvalidValue("volume", text, form)
+    src, dst = parts[0], parts[1]
+    if not src.startswith("/") or not dst.startswith("/"):
+        raise InvalidValue("volume", text, form)
+    if not os.path.exists(src):
+        raise NotFound(f"volume source {src!r} does not exist on the host (create it first)")
+    return os.path.realpath(src), dst, len(parts) == 3 and parts[2] == "ro"
+
+
+def _capabilities(add: list[str], drop: list[str]) -> tuple[str, ...]:
+    caps = list(security.DOCKER_DEFAULT_CAPS)
+    if any(c.upper() == "ALL" for c in add):
+        caps = ["CAP_" + n for n in security.CAPABILITIES]
+    caps += [security.cap_name(c) for c in add if c.upper() != "ALL"]
+    if any(c.upper() == "ALL" for c in drop):
+        caps = [security.cap_name(c) for c in add if c.upper() != "ALL"]
+    dropped = {security.cap_name(c) for c in drop if c.upper() != "ALL"}
+    # a process can keep only what its parent has: we may lack one (e.g. SYS_RESOURCE)
+    have = security.capsets().bounding
+    return tuple(dict.fromkeys(c for c in caps if c not in dropped and have >> security.CAPABILITIES[c[4:]] & 1))
+
+
+def user_ids(text: str, layers) -> tuple[int, int]:
+    """``-u``: UID[:GID], or a name looked up in the first /etc/passwd of ``layers``."""
+    if not text:
+        return 0, 0
+    name, _, group = text.partition(":")
+    form = "UID[:GID] as numbers, or a user name from the image's /etc/passwd"
+    if name.isdigit() and (not group or group.isdigit()):
+        return int(name), int(group or name)
+    for layer in layers:  # top layer first: the first /etc/passwd found is the one seen
+        passwd = os.path.join(layer, "etc/passwd")
+        if os.path.isfile(passwd) and not os.path.islink(passwd):
+            with open(passwd) as f:
+                for line in f:
+                    fields = line.strip().split(":")
+                    if len(fields) >= 4 and fields[0] == name:
+                        return int(fields[2]), int(group) if group.isdigit() else int(fields[3])
+            break
+    raise InvalidValue("user", text, form)

@@ -1,0 +1,156 @@
+"""What init mounts in the container's root filesystem, before pivot_root.
+
+Every entry of the spec's ``mounts`` (proc, a tmpfs /dev, devpts, sysfs, the cgroup
+files, the user's volumes) lands at its destination *inside* the new root, resolved
+with ``secure_join`` so that a symlink in the image cannot point a mount at the host.
+/dev gets the six device nodes every container has, and the console.
+
+Man pages: mount(2), mount(8) (the option words), overlayfs(5) ("lowerdir").
+Layer: runtime. Used by init.py in the container's first process.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from labkit.errors import SyscallError
+from labkit.kernel import mounts, syscalls
+from labkit.kernel.syscalls import MountFlags
+from labkit.runtime.spec import Mount, Spec
+
+# mount(8) option words -> (flag, set it?). Anything else goes to the filesystem as data.
+_OPTION_FLAGS = {
+    "ro": (MountFlags.MS_RDONLY, True), "rw": (MountFlags.MS_RDONLY, False),
+    "nosuid": (MountFlags.MS_NOSUID, True), "suid": (MountFlags.MS_NOSUID, False),
+    "nodev": (MountFlags.MS_NODEV, True), "dev": (MountFlags.MS_NODEV, False),
+    "noexec": (MountFlags.MS_NOEXEC, True), "exec": (MountFlags.MS_NOEXEC, False),
+    "relatime": (MountFlags.MS_RELATIME, True), "strictatime": (MountFlags.MS_STRICTATIME, True),
+    "noatime": (MountFlags.MS_NOATIME, True), "bind": (MountFlags.MS_BIND, True),
+    "rbind": (MountFlags.MS_BIND | MountFlags.MS_REC, True),
+}  # fmt: skip
+_PROPAGATION = {"private", "rprivate", "shared", "rshared", "slave", "rslave"}
+
+# The device nodes every container gets (runtime-spec "Default Devices"): name -> (major, minor)
+DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
+DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
+             "stderr": "/proc/self/fd/2", "ptmx": "pts/ptmx"}  # fmt: skip
+
+
+
+def mount_rootfs(spec: Spec, root: str) -> None:
+    """Mount the root filesystem on ``root`` (pivot_root needs it to be a mount point)."""
+    if spec.layers:
+        # overlayfs(5): lowerdir top first; upper gets every write; work is its scratch
+        data = f"lowerdir={':'.join(spec.layers)},upperdir={spec.upper},workdir={spec.work}"
+        syscalls.mount("overlay", root, "overlay", 0, data)
+    else:
+        mounts.bind(root, root)
+
+
+def mount_one(m: Mount, root: str, cgroup_dirs: dict[str, str]) -> None:
+    """Mount one spec entry at its destination inside ``root`` (not yet pivoted)."""
+    flags, data = parse_options(m.options)
+    target = secure_join(root, m.destination)
+    if m.is_bind:
+        _make_target(target, is_dir=os.path.isdir(m.source))
+        extra = flags & ~(MountFlags.MS_BIND | MountFlags.MS_REC | MountFlags.MS_RDONLY)
+        mounts.bind(m.source, target, readonly=bool(flags & MountFlags.MS_RDONLY),
+                    recursive=bool(flags & MountFlags.MS_REC), flags=extra)  # fmt: skip
+        return
+    _make_target(target, is_dir=True)
+    if m.type == "cgroup":
+        mount_cgroups(target, flags, cgroup_dirs)
+        return
+    syscalls.mount(m.source, target, m.type, flags, data or None)
+
+
+def mount_cgroups(target: str, flags: int, cgroup_dirs: dict[str, str]) -> None:
+    """/sys/fs/cgroup shows the container only its own cgroup, read-only.
+
+    cgroup v1 (what runc does): a tmpfs with one directory per controller, each a bind
+    mount of the container's directory in that hierarchy. cgroup v2: a bind of its one
+    directory. Without a cgroup the container sees an empty tmpfs.
+    """
+    plain = flags & ~(MountFlags.MS_RDONLY | MountFlags.MS_BIND | MountFlags.MS_REC)
+    if set(cgroup_dirs) == {""}:  # v2: one tree
+        mounts.bind(cgroup_dirs[""], target, readonly=True, recursive=False, flags=plain)
+        return
+    syscalls.mount("tmpfs", target, "tmpfs", plain, "mode=755")
+    for controller, host_dir in sorted(cgroup_dirs.items()):
+        sub = os.path.join(target, controller)
+        os.mkdir(sub)
+        mounts.bind(host_dir, sub, readonly=True, recursive=False, flags=plain)
+    syscalls.mount(None, target, None, MountFlags.MS_REMOUNT | MountFlags.MS_RDONLY | plain)
+
+
+def make_dev(root: str, console: str | None) -> None:
+    """Fill the /dev tmpfs: six device nodes, the usual links, and the console."""
+    dev = secure_join(root, "/dev")
+    for name, (major, minor) in DEVICES.items():
+        path = os.path.join(dev, name)
+        if not os.path.lexists(path):
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+            os.chmod(path, 0o666)  # the umask took bits away from mknod's mode
+    for name, target in DEV_LINKS.items():
+        path = os.path.join(dev, name)
+        if not os.path.lexists(path):
+            os.symlink(target, path)
+    if console:
+        path = os.path.join(dev, "console")
+        if not os.path.lexists(path):
+            open(path, "w").close()
+        mounts.bind(console, path, recursive=False)
+
+
+def secure_join(root: str, path: str) -> str:
+    """``root/path`` with every symlink resolved as if ``root`` were ``/``.
+
+    An image may contain ``/proc -> /etc``, or ``/data -> /``: following such a link on
+    the host side would mount over the host's own files. Here ``..`` and absolute link
+    targets never climb above ``root`` (the same idea as Go's filepath-securejoin).
+    """
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    done: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        here = os.path.join(root, *done, part)
+        if os.path.islink(here):
+            hops += 1
+            if hops > 40:
+                raise SyscallError(errno.ELOOP, "secure_join", repr(path))
+            target = os.readlink(here)
+            if target.startswith("/"):
+                done = []
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+            continue
+        done.append(part)
+    return os.path.join(root, *done)
+
+
+def parse_options(options: tuple[str, ...]) -> tuple[int, str]:
+    """mount(8) options -> (MS_* flags, filesystem data string)."""
+    flags, data = 0, []
+    for opt in options:
+        if opt in _OPTION_FLAGS:
+            bit, on = _OPTION_FLAGS[opt]
+            flags = flags | bit if on else flags & ~bit
+        elif opt not in _PROPAGATION:
+            data.append(opt)
+    return flags, ",".join(data)
+
+
+def _make_target(target: str, is_dir: bool) -> None:
+    if os.path.lexists(target):
+        return
+    if is_dir:
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        open(target, "a").close()
