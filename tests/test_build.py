@@ -253,3 +253,30 @@ def test_rmi_and_prune_keep_what_a_container_uses(store, tmp_dir):
     assert not layer_two.exists()
     left = {p.name for p in (store / "lib" / "images" / "layers").iterdir()}
     assert left == {images.get("busybox").layers[0].parent.name}
+
+
+def test_run_honours_the_image_config_and_stop_its_stop_signal(store, tmp_dir):
+    ctx = context(tmp_dir, """\
+FROM busybox
+ENV GREETING=hello
+WORKDIR /srv/app
+USER 1000:1000
+ENTRYPOINT ["sh", "-c", "echo $GREETING from $(pwd) as $(id -u) \\"$@\\"", "-"]
+CMD ["default"]
+STOPSIGNAL SIGUSR1
+""")
+    lk("build", "-t", "cfg", str(ctx), check=True)
+    assert lk("run", "--rm", "cfg", check=True).stdout == "hello from /srv/app as 1000 default\n"
+    assert lk("run", "--rm", "cfg", "given", check=True).stdout == "hello from /srv/app as 1000 given\n"
+    assert lk("run", "--rm", "--entrypoint", "echo", "cfg", "plain", check=True).stdout == "plain\n"
+    # PID 1 ignores a signal it has no handler for: with a trap on USR1 it exits at once
+    ctx2 = context(tmp_dir / "s", "FROM cfg\nENTRYPOINT []\nCMD [\"sh\", \"-c\", \"trap 'exit 7' USR1; "
+                   "while true; do sleep 0.1; done\"]\n")  # fmt: skip
+    lk("build", "-t", "cfg:stop", str(ctx2), check=True)
+    cid = lk("run", "-d", "cfg:stop", check=True).stdout.strip()
+    import time
+
+    t0 = time.monotonic()
+    lk("stop", "-t", "20", cid, check=True)
+    assert time.monotonic() - t0 < 10
+    assert "Exited (7)" in lk("ps", "-a", check=True).stdout

@@ -78,6 +78,7 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--cap-add", action="append", default=[], help="add a capability (or ALL)")
         p.add_argument("--cap-drop", action="append", default=[], help="drop a capability (or ALL)")
         p.add_argument("--network", "--net", default="none", help="none (default: only lo) or host")
+        p.add_argument("--entrypoint", help="the program to run instead of the image's ENTRYPOINT")
         p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
         p.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
         p.add_argument("image")
@@ -341,7 +342,19 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     from labkit.runtime import container
 
-    return _each(args.containers, lambda cid: container.stop(cid, args.time))
+    return _each(args.containers, lambda cid: container.stop(cid, args.time, _stop_signal(cid)))
+
+
+def _stop_signal(cid: str) -> int:
+    """The StopSignal of the container's image (``STOPSIGNAL`` in its Dockerfile)."""
+    from labkit.engine import images
+    from labkit.runtime import container
+
+    try:
+        name = images.get(container.load(cid).image).config.stop_signal
+    except LabkitError:  # no image (a bundle), or it was removed since
+        name = ""
+    return parse_signal(name) if name else signal.SIGTERM
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
