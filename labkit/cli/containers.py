@@ -83,6 +83,7 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
                        help="bridge (default), none (only lo), host, container:NAME or a network's name")
         p.add_argument("-p", "--publish", action="append", default=[], help="[IP:]HOST:CONTAINER[/tcp|udp]")
         p.add_argument("-P", "--publish-all", action="store_true", help="publish the image's exposed ports")
+        p.add_argument("--entrypoint", help="the program to run instead of the image's ENTRYPOINT")
         p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
         p.add_argument("-t", "--tty", action="store_true", help="allocate a terminal")
         p.add_argument("image")
@@ -412,7 +413,19 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_stop(args: argparse.Namespace) -> int:
     from labkit.runtime import container
 
-    return _each(args.containers, lambda cid: container.stop(cid, args.time))
+    return _each(args.containers, lambda cid: container.stop(cid, args.time, _stop_signal(cid)))
+
+
+def _stop_signal(cid: str) -> int:
+    """The StopSignal of the container's image (``STOPSIGNAL`` in its Dockerfile)."""
+    from labkit.engine import images
+    from labkit.runtime import container
+
+    try:
+        name = images.get(container.load(cid).image).config.stop_signal
+    except LabkitError:  # no image (a bundle), or it was removed since
+        name = ""
+    return parse_signal(name) if name else signal.SIGTERM
 
 
 def cmd_kill(args: argparse.Namespace) -> int:

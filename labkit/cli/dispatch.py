@@ -44,6 +44,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "load": ("labkit.cli.images", "Load images from a docker-archive or OCI layout"),
     "save": ("labkit.cli.images", "Save images to a docker-archive or OCI layout"),
     "tag": ("labkit.cli.images", "Give an image another name"),
+    "build": ("labkit.cli.build", "Build an image from a Dockerfile"),
+    "history": ("labkit.cli.images", "Show the layers of an image and what made each"),
+    "rmi": ("labkit.cli.images", "Remove images"),
+    "image": ("labkit.cli.images", "Manage images: inspect, prune, ls, rm, history"),
+    "commit": ("labkit.cli.images", "Make a new image from a container's changes"),
     # runc's command line over an OCI bundle
     "runtime": ("labkit.cli.runtime", "runc-like commands over an OCI bundle"),
     # the course

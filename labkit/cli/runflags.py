@@ -29,7 +29,9 @@ def build_spec(args: argparse.Namespace, container_id: str):
     caps = _capabilities(args.cap_add, args.cap_drop)
     image = images.get(args.image)
     cfg = image.config
-    argv = list(cfg.entrypoint) + (list(args.cmd) if args.cmd else list(cfg.cmd))
+    entrypoint = getattr(args, "entrypoint", None)  # --entrypoint "" drops the image's
+    entry = list(cfg.entrypoint) if entrypoint is None else ([entrypoint] if entrypoint else [])
+    argv = entry + (list(args.cmd) if args.cmd else [] if entrypoint is not None else list(cfg.cmd))
     if not argv:
         raise InvalidValue("command", "", f"a command: image {args.image} has no CMD, so name one after it")
     env = {e.split("=", 1)[0]: e for e in (cfg.env or [f"PATH={DEFAULT_PATH}"])}

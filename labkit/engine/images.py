@@ -78,12 +78,18 @@ class ImageConfig:
     working_dir: str = "/"
     user: str = ""
     exposed_ports: list[str] = field(default_factory=list)  # "80/tcp": what -P publishes
+    labels: dict[str, str] = field(default_factory=dict)
+    stop_signal: str = ""  # what `labkit stop` sends first; "" means SIGTERM
 
     def to_oci(self) -> dict:
         doc = {"Env": self.env, "Cmd": self.cmd, "Entrypoint": self.entrypoint or None,
                "WorkingDir": self.working_dir, "User": self.user}  # fmt: skip
-        if self.exposed_ports:
-            doc["ExposedPorts"] = {p: {} for p in self.exposed_ports}
+        if self.exposed_ports:  # only when set: the built-in images keep the IDs they had
+            doc["ExposedPorts"] = {port: {} for port in self.exposed_ports}
+        if self.labels:
+            doc["Labels"] = dict(self.labels)
+        if self.stop_signal:
+            doc["StopSignal"] = self.stop_signal
         return doc
 
     @classmethod
@@ -91,7 +97,8 @@ class ImageConfig:
         return cls(env=list(doc.get("Env") or []), cmd=list(doc.get("Cmd") or []),
                    entrypoint=list(doc.get("Entrypoint") or []),
                    working_dir=doc.get("WorkingDir") or "/", user=doc.get("User") or "",
-                   exposed_ports=sorted(doc.get("ExposedPorts") or {}))  # fmt: skip
+                   exposed_ports=sorted(doc.get("ExposedPorts") or {}), labels=dict(doc.get("Labels") or {}),
+                   stop_signal=doc.get("StopSignal") or "")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -256,6 +263,34 @@ def store_config(ref: str, data: bytes) -> Image:
     return _load(_key(name, tag), image_id)
 
 
+def store_untagged(data: bytes) -> str:
+    """Store an image config under its ID with no name (a build's intermediate image,
+    an archive's unnamed one); its ID. Every layer it lists must be imported already."""
+    import hashlib
+
+    for diff_id in json.loads(data)["rootfs"]["diff_ids"]:
+        if not (_layer_dir(diff_id) / "layer.json").exists():
+            raise NotFound(f"no layer {diff_id} in {_store() / 'layers'}")
+    image_id = "sha256:" + hashlib.sha256(data).hexdigest()
+    with _locked():
+        _write_atomic(_store() / "configs" / f"{image_id.removeprefix('sha256:')}.json", data)
+    return image_id
+
+
+def config_doc(image_id: str) -> dict:
+    """The whole image config of ``image_id`` (history, author, rootfs and all)."""
+    path = _store() / "configs" / f"{image_id.removeprefix('sha256:')}.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise NotFound(f"no image {image_id} in {_store() / 'configs'}") from None
+
+
+def has_layers(doc: dict) -> bool:
+    """Whether every layer ``doc`` lists is in the store (a cached step may outlive them)."""
+    return all((_layer_dir(d) / "layer.json").exists() for d in doc.get("rootfs", {}).get("diff_ids", []))
+
+
 def tag(source: str, target: str) -> Image:
     """Point ``target`` at the image ``source`` names, as ``docker tag`` does."""
     image = get(source)
@@ -341,11 +376,25 @@ def remove(ref: str) -> None:
         _write_atomic(_store() / "repositories.json", json.dumps(repos, indent=2, sort_keys=True).encode())
         if image_id in repos.values():
             return  # another tag still names this image
-        still_used = {p for other in set(repos.items()) for p in _load(*other).layers}
+        still_used = {p for other in set(repos.items()) for p in _load(*other).layers} | _container_layers()
         (_store() / "configs" / f"{image_id.removeprefix('sha256:')}.json").unlink(missing_ok=True)
         for layer in image.layers:
             if layer not in still_used:
                 safe.remove_tree(layer.parent, within=_store())
+
+
+def _container_layers() -> set[Path]:
+    """The layer dirs of every container until ``rm``, stopped ones too: a stopped
+    container can still be committed or inspected, so its layers stay."""
+    from labkit.runtime import container
+
+    found = set()
+    for state in container.list_states():
+        try:
+            found |= {Path(p) for p in container.spec_of(state.id).layers}
+        except LabkitError:  # removed meanwhile
+            continue
+    return found
 
 
 def _layers_in_use(layer_dirs: list[Path]) -> list[Path]:
@@ -423,4 +472,5 @@ def format_table(imgs: Sequence[Image], now: float | None = None) -> str:
 __all__ = [
     "Image", "ImageConfig", "build_base", "create", "format_table", "get",
     "human_age", "human_size", "import_layer", "list_images", "parse_ref", "remove", "store_config", "tag",
+    "config_doc", "has_layers", "store_untagged",
 ]  # fmt: skip

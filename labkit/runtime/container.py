@@ -184,14 +184,15 @@ def kill(container_id: str, sig: int = signal.SIGTERM) -> None:
         resume(container_id)  # a frozen task only dies once thawed
 
 
-def stop(container_id: str, timeout: float = 10.0) -> int:
-    """docker stop: SIGTERM, then SIGKILL after ``timeout`` seconds; the exit code."""
+def stop(container_id: str, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int:
+    """docker stop: ``sig`` (the image's StopSignal; SIGTERM by default), then SIGKILL
+    after ``timeout`` seconds; the exit code."""
     state = load(container_id)
     check("stop", container_id, state.status)
     if state.status is Status.STOPPED:
         return wait(container_id, 5.0)
     if state.status is not Status.PAUSED:  # a frozen process cannot act on SIGTERM
-        shim.kill_quietly(state.pid, signal.SIGTERM)
+        shim.kill_quietly(state.pid, sig)
         try:
             return wait(container_id, timeout)
         except StateError:
