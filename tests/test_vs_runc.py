@@ -69,10 +69,12 @@ def test_same_view_inside_labkit_and_runc(probe_bundle):
         cgroup_tmpfs = "/sys/fs/cgroup tmpfs (ro,"
         assert any(line.startswith(cgroup_tmpfs) for line in a)
         b = [line.replace("/sys/fs/cgroup tmpfs (rw,", cgroup_tmpfs) for line in b]
-    assert a == b
+    # how many processes `ls /proc` catches alive depends on timing (3 or 4): compared below
+    assert [x for x in a if not x.startswith("procs=")] == [x for x in b if not x.startswith("procs=")]
     # and the values are the isolated ones, not merely equal
-    procs = next(line for line in a if line.startswith("procs="))
-    assert int(procs[6:]) <= 4  # sh, the $(...) subshell, ls, grep: none of the host's
+    for lines in (a, b):
+        procs = next(line for line in lines if line.startswith("procs="))
+        assert int(procs[6:]) <= 4  # sh, the $(...) subshell, ls, grep: none of the host's
     for line in ("hostname=runc", "pid=1", "CapBnd:\t0000000020000420", "NoNewPrivs:\t1", "kcore=0",
                  "proc_sys=ro", "sethostname=EPERM", "mount=EPERM", "root=ro", f"memory={64 << 20}", "pids=20",
                  "quota=50000"):  # fmt: skip

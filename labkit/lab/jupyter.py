@@ -33,10 +33,10 @@ import json
 import os
 import secrets
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from labkit import poll
 from labkit.errors import InvalidValue, LabkitError, NotFound
 
 TOKEN_FILE = Path("/etc/labkit/jupyter_token")  # LABKIT_TOKEN_FILE moves it (tests do)
@@ -226,17 +226,14 @@ def wait_until_up(port: int, timeout: float, host: str = "127.0.0.1") -> bool:
     import urllib.error
     import urllib.request
 
-    deadline = time.monotonic() + timeout
-    while True:
+    def answers() -> bool:
         try:
             with urllib.request.urlopen(f"http://{host}:{port}/api", timeout=2) as reply:
-                if reply.status == 200:
-                    return True
+                return reply.status == 200
         except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() >= deadline:
             return False
-        time.sleep(0.5)
+
+    return bool(poll.until(answers, timeout, first=0.5, most=0.5))
 
 
 def _env_port(name: str) -> int:
