@@ -437,3 +437,30 @@ def test_zz_nothing_left_behind():
             assert not parent.exists(), f"empty labkit parent left: {parent}"
     for backing in Path("/sys/block").glob("loop*/loop/backing_file"):
         assert backing.read_text().strip() not in _BACKING_FILES
+
+
+@pytest.mark.skipif(VERSION != 1, reason="v1's cpuset: a new group starts with empty cpus and mems")
+def test_a_group_below_an_empty_cpuset_parent_still_takes_a_process(make):
+    """A parent level made by a process that was killed between mkdir and filling in its
+    cpus (or made by another process a moment ago) is empty; a group below it must fill it
+    in rather than fail every later `add` with ENOSPC."""
+    need("cpuset")
+    base = detect.v1_bases()["cpuset"] / "labkit"
+    base.mkdir(exist_ok=True)
+    if not (base / "cpuset.cpus").read_text().strip():  # the labkit parent itself, first use here
+        v1._fill_cpuset(base)
+    level = base / f"half-made-{os.getpid()}"
+    level.mkdir()  # as a killed maker leaves it: no cpus, no mems
+    try:
+        assert (level / "cpuset.cpus").read_text().strip() == ""
+        cg = make(f"{level.name}/leaf", cpuset_cpus="0")
+        child = spawn(cg, "import time; time.sleep(30)")
+        try:
+            assert child.pid in cg.procs()
+        finally:
+            finish(child)
+        assert (level / "cpuset.cpus").read_text().strip() != ""
+    finally:
+        for d in (level / "leaf", level):
+            with contextlib.suppress(FileNotFoundError, OSError):
+                d.rmdir()

@@ -222,15 +222,16 @@ def _mkdir(d: Path, cpuset: bool, must_be_new: bool = False) -> None:
     """mkdir -p for cgroups; with must_be_new, an existing ``d`` raises FileExistsError.
 
     A new cpuset group starts with empty cpuset.cpus and cpuset.mems, and the kernel
-    refuses to add a process to it (ENOSPC) until both are filled in, so each new
-    level gets its parent's values, as runc does.
+    refuses to add a process to it (ENOSPC) until both are filled in, so each level gets
+    its parent's values, as runc does. That is checked on every level that exists too,
+    not only on one made here: a parent another process made a moment ago, or one whose
+    maker was killed between mkdir and the write, may still be empty.
     """
     try:
         os.mkdir(d)
     except FileExistsError:
         if must_be_new:
             raise
-        return
     except FileNotFoundError:
         _mkdir(d.parent, cpuset)  # the labkit parent or a nesting level is missing
         _mkdir(d, cpuset, must_be_new)
@@ -238,5 +239,13 @@ def _mkdir(d: Path, cpuset: bool, must_be_new: bool = False) -> None:
     except OSError as err:
         raise CgroupError(err.errno or errno.EIO, str(d), "mkdir") from None
     if cpuset:
-        for file in ("cpuset.cpus", "cpuset.mems"):
+        _fill_cpuset(d)
+
+
+def _fill_cpuset(d: Path) -> None:
+    """Give an empty cpuset.cpus / cpuset.mems its parent's value, the parent's first."""
+    for file in ("cpuset.cpus", "cpuset.mems"):
+        if not read(d / file).strip():
+            if not read(d.parent / file).strip():
+                _fill_cpuset(d.parent)  # the caller's own group is never empty: this ends
             write(d / file, read(d.parent / file).strip())
