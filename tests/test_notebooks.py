@@ -340,3 +340,56 @@ def test_every_question_has_an_answer_that_the_student_copy_leaves_out():
 def test_blank_markdown_drops_the_answers_between_html_comment_markers():
     text = "### Answers\n\n<!-- BEGIN SOLUTION -->\n1. the secret\n<!-- END SOLUTION -->\nafter"
     assert notebooks.blank_markdown(text) == "### Answers\n\n*Your answer here.*\nafter"
+
+
+# --- 00 and 01 promise notebooks: every promise is true ------------------------------------
+
+_REF = re.compile(r"[Nn]otebooks? (\d\d)((?:, \d\d)*)(?: (?:to|and) (\d\d))?")
+
+
+def _promises(text: str) -> tuple[set[int], set[int]]:
+    """(notebook numbers that ``text`` refers to, those it says are in preparation).
+
+    A reference is "notebook 02", "notebooks 08 to 13" (a range), or a number in the
+    "notebooks" column of a table; it is marked when the rest of its sentence (up to the
+    next full stop or closing parenthesis) says "in preparation"."""
+    refs, preparing = set(), set()
+    for m in _REF.finditer(text):
+        first, more, last = int(m.group(1)), m.group(2), m.group(3)
+        numbers = {first} | {int(n) for n in re.findall(r"\d\d", more or "")}
+        if last:
+            numbers |= set(range(first, int(last) + 1))
+        refs |= numbers
+        rest = re.sub(r"^\s*\([^)]*\)", "", text[m.end():])  # "notebooks 08 to 13 (network, ...) are"
+        if "in preparation" in re.split(r"[.)]", rest, maxsplit=1)[0]:
+            preparing |= numbers
+    column = None
+    for line in text.splitlines():
+        cols = [c.strip() for c in line.strip().strip("|").split("|")] if line.lstrip().startswith("|") else []
+        if "notebooks" in cols:
+            column = cols.index("notebooks")
+        elif column is not None and len(cols) > column:
+            refs |= {int(n) for n in re.findall(r"\b\d\d\b", cols[column])}
+        elif not cols:
+            column = None
+    return refs, preparing
+
+
+def test_promise_parser_sees_ranges_tables_and_marks():
+    refs, preparing = _promises("notebook 02 shows it. Notebooks 08 to 10 (a, b) are in preparation.\n\n"
+                                "| a | notebooks |\n|---|---|\n| x | 04, 11 |")
+    assert refs == {2, 4, 8, 9, 10, 11} and preparing == {8, 9, 10}
+
+
+def test_notebooks_00_and_01_promise_only_what_exists_or_is_in_preparation():
+    existing = {int(p.name[:2]) for p in (REPO / "solutions").glob("[0-9][0-9]-*.ipynb")}
+    for nb_path in sorted((REPO / "solutions").glob("0[01]-*.ipynb")):
+        refs, preparing = set(), set()
+        for cell in notebooks.load(nb_path)["cells"]:
+            if cell["cell_type"] == "markdown":
+                r, p = _promises(notebooks._source(cell))
+                refs, preparing = refs | r, preparing | p
+        missing = sorted(refs - existing - preparing)
+        assert not missing, f"{nb_path.name} refers to notebooks {missing}: not in solutions/ nor marked in preparation"
+        landed = sorted(preparing & existing)
+        assert not landed, f"{nb_path.name} says notebooks {landed} are in preparation, but they exist: update it"

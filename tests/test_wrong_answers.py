@@ -34,14 +34,40 @@ def _notebook(number: str) -> Path:
     return next(SOLUTIONS.glob(f"{number}-*.ipynb"))
 
 
-def _replace_region(source: str, code: str) -> str:
-    """The first solution region of ``source`` replaced by ``code`` at its indentation."""
+def _regions(lines: list[str]) -> list[tuple[int, int]]:
+    """(begin, end) line numbers of each solution region, in order."""
+    out, begin = [], None
+    for i, line in enumerate(lines):
+        if notebooks.BEGIN in line:
+            begin = i
+        elif notebooks.END in line and begin is not None:
+            out.append((begin, i))
+            begin = None
+    return out
+
+
+def _answer_regions(answer: str | tuple) -> tuple:
+    """A wrong answer is a string (for the cell's first region) or a tuple with one entry
+    per region: code, or None to keep that region's solution."""
+    return (answer,) if isinstance(answer, str) else answer
+
+
+def _replace_regions(source: str, answer: str | tuple) -> str:
+    """``source`` with its solution regions replaced by ``answer``, each at its indentation."""
     lines = source.splitlines()
-    begin = next(i for i, line in enumerate(lines) if notebooks.BEGIN in line)
-    end = next(i for i in range(begin, len(lines)) if notebooks.END in lines[i])
-    indent = lines[begin][: len(lines[begin]) - len(lines[begin].lstrip())]
-    body = [indent + line if line else line for line in code.splitlines()]
-    return "\n".join(lines[:begin] + body + lines[end + 1 :])
+    regions = _regions(lines)
+    codes = _answer_regions(answer)
+    assert len(codes) <= len(regions), f"{len(codes)} answers for {len(regions)} solution regions"
+    for (begin, end), code in reversed(list(zip(regions, codes))):
+        if code is None:
+            continue
+        indent = lines[begin][: len(lines[begin]) - len(lines[begin].lstrip())]
+        lines[begin : end + 1] = [indent + line if line else line for line in code.splitlines()]
+    return "\n".join(lines)
+
+
+def _first_line(answer: str | tuple) -> str:
+    return next(c for c in _answer_regions(answer) if c is not None).splitlines()[0]
 
 
 def _variants(number: str) -> list[dict[str, str]]:
@@ -67,6 +93,28 @@ def test_every_exercise_has_two_wrong_answers():
     assert set(WRONG) <= exercises, f"wrong answers for no exercise: {sorted(set(WRONG) - exercises)}"
 
 
+def test_every_solution_region_has_a_wrong_answer():
+    """A cell with two regions (07.4: pause and resume) needs a wrong answer in each."""
+    missing = []
+    for path in SOLUTIONS.glob("[0-9][0-9]-*.ipynb"):
+        for cell in notebooks.load(path)["cells"]:
+            source = notebooks._source(cell)
+            ids = notebooks.exercise_ids(source)[0] if cell["cell_type"] == "code" else set()
+            for exercise_id in ids:
+                n = len(_regions(source.splitlines()))
+                covered = {k for a in WRONG.get(exercise_id, []) for k, c in enumerate(_answer_regions(a)) if c is not None}
+                missing += [f"{exercise_id} region {k + 1}" for k in range(n) if k not in covered]
+    assert not missing, f"solution regions no wrong answer replaces: {missing}"
+
+
+def test_a_tuple_replaces_each_region_and_none_keeps_one():
+    src = "def f():\n    ### BEGIN SOLUTION\n    return 1\n    ### END SOLUTION\n" \
+          "def g():\n    ### BEGIN SOLUTION\n    return 2\n    ### END SOLUTION"
+    assert _replace_regions(src, "return 9") == "def f():\n    return 9\ndef g():\n    ### BEGIN SOLUTION\n" \
+                                                "    return 2\n    ### END SOLUTION"
+    assert _replace_regions(src, (None, "return 8")).endswith("def g():\n    return 8")
+
+
 def _machine_state() -> dict:
     with open("/proc/self/mountinfo") as f:
         table = f.read().splitlines()
@@ -74,6 +122,7 @@ def _machine_state() -> dict:
     from labkit.kernel import cgroups
 
     return {"hostname": socket.gethostname(), "root propagation": root.split(" - ")[0].split()[6:],
+            "/etc/motd": Path("/etc/motd").read_bytes() if Path("/etc/motd").exists() else None,
             "cgroups": sorted(n for n in cgroups.list_all() if re.match(r"nb0\d", n))}
 
 
@@ -89,7 +138,7 @@ def test_checks_fail_on_wrong_answers(number, k, answers):
             continue
         ids, checked = notebooks.exercise_ids(cell.source)
         if ids & set(answers):
-            cell.source = _replace_region(cell.source, answers[next(iter(ids))])
+            cell.source = _replace_regions(cell.source, answers[next(iter(ids))])
         if checked:
             checks[n] = checked
     assert set().union(*checks.values()) >= set(answers), "an exercise without a check cell"
@@ -107,7 +156,7 @@ def test_checks_fail_on_wrong_answers(number, k, answers):
         if n in checks:
             for exercise_id in sorted(checks[n]):
                 if not errors:
-                    problems.append(f"{exercise_id}: the check PASSED with {answers[exercise_id].splitlines()[0]!r}")
+                    problems.append(f"{exercise_id}: the check PASSED with {_first_line(answers[exercise_id])!r}")
                 elif errors[0]["ename"] != "ExerciseFailed" or not errors[0]["evalue"].startswith("\u2718"):
                     problems.append(f"{exercise_id}: the check did not report a failure but "
                                     f"{errors[0]['ename']}: {errors[0]['evalue'][:200]}")

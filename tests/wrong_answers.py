@@ -1,7 +1,9 @@
 """Plausible wrong answers, per exercise: data for tests/test_wrong_answers.py.
 
 Each string replaces the code between ``### BEGIN SOLUTION`` and ``### END SOLUTION`` of
-its exercise (written here without the region's indentation; the test adds it). Each
+its exercise (written here without the region's indentation; the test adds it). An
+exercise whose cell has several regions (07.4: pause, resume) may give a tuple instead,
+one entry per region, None where that region keeps its solution. Each
 one is a mistake a student plausibly makes: the test runs the notebook with it and
 asserts that the exercise's check reports a failure (not "not done yet", and not a
 crash of some other cell), and that the machine is unchanged afterwards.
@@ -101,6 +103,9 @@ WRONG: dict[str, list[str]] = {
         'with open(root / "etc/motd", "a") as f:\n'
         '    f.write("one more line\\n")\n'
         '(root / "etc/hello.txt").write_text("hello\\n")  # in etc/, not at the top',
+        'with open(root / "/etc/motd", "a") as f:  # a leading /: the host\'s own /etc/motd\n'
+        '    f.write("one more line\\n")\n'
+        '(root / "hello.txt").write_text("hello\\n")',
     ],
     "05.2": [
         'import shutil\n'
@@ -162,6 +167,16 @@ WRONG: dict[str, list[str]] = {
         'return cgroups.create("nb06-light", cpu_shares=3072), cgroups.create("nb06-heavy", cpu_shares=1024)',
         'return cgroups.create("nb06-light", cpus=0.25), cgroups.create("nb06-heavy", cpus=0.75)  # caps, not weights',
     ],
+    "06.5": [
+        'for pid in cg.procs():  # the processes there now, not a rule of the group\n'
+        '    os.sched_setaffinity(pid, {cpu})',
+        'd = cg.paths["cpuset"]  # the two files swapped\n'
+        '(d / "cpuset.mems").write_text(str(cpu))\n'
+        '(d / "cpuset.cpus").write_text(nodes)',
+        'd = cg.paths["cpuset"]\n'
+        '(d / "cpuset.mems").write_text(nodes)\n'
+        '(d / "cpuset.cpus").write_text(f"0-{cpu}")  # every CPU up to it, not the one',
+    ],
     # --- 07: memory, pids, io, freezer, billing
     "07.1": [
         'return cgroups.create("nb07-mem", memory="32m")  # swap left open',
@@ -193,6 +208,10 @@ WRONG: dict[str, list[str]] = {
         '    (cg.paths["freezer"] / "freezer.state").write_text("FREEZING")\n'
         'else:\n'
         '    (cg.path / "cgroup.freeze").write_text("freeze")',
+        (None,  # pause is right; resume sends a signal, which does not thaw a frozen group
+         'import signal\n'
+         'for pid in cg.procs():\n'
+         '    os.kill(pid, signal.SIGCONT)'),
     ],
     "07.5": [
         'cpu_seconds = rows[-1][1] / 1e9  # the counter, not its growth\n'
@@ -205,5 +224,13 @@ WRONG: dict[str, list[str]] = {
         'cpu_seconds = (rows[-1][1] - rows[0][1]) / 1e9\n'
         'mib_seconds = sum(m1 / MiB * (t1 - t0) for (t0, _, _), (t1, _, m1) in zip(rows, rows[1:]))  # right edges only\n'
         'return cpu_seconds, mib_seconds',
+    ],
+    "07.6": [
+        'st = os.stat(dev)  # st_dev: the file system that holds the node (devtmpfs), not the device\n'
+        '(cg.paths["devices"] / "devices.deny").write_text(f"c {os.major(st.st_dev)}:{os.minor(st.st_dev)} rwm")',
+        'st = os.stat(dev)  # into the allow file: the group allows everything already\n'
+        '(cg.paths["devices"] / "devices.allow").write_text(f"c {os.major(st.st_rdev)}:{os.minor(st.st_rdev)} rwm")',
+        'st = os.stat(dev)  # m only: making the node is refused, opening it is not\n'
+        '(cg.paths["devices"] / "devices.deny").write_text(f"c {os.major(st.st_rdev)}:{os.minor(st.st_rdev)} m")',
     ],
 }

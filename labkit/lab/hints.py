@@ -187,6 +187,15 @@ HINTS: dict[str, Hint] = {
         'cgroups.create("nb06-light", cpu_shares=1024), cgroups.create("nb06-heavy", cpu_shares=3072)  # v1\n'
         'cgroups.create("nb06-light", cpu_weight=100), cgroups.create("nb06-heavy", cpu_weight=300)  # v2',
     ),
+    "06.5": Hint(
+        "kernel doc cgroup-v1/cpusets.rst (v2: cgroup-v2.rst, Cpuset); /proc/PID/status",
+        "A cpuset is a rule of the group, not of one process: every task in it, and every task that "
+        "joins later, is bound to the CPUs of one file and the memory nodes of the other. Both take "
+        "the kernel's list format, and the file names are the same on v1 and v2.",
+        'd = cg.paths["cpuset"]\n'
+        '(d / "cpuset.mems").write_text(nodes)\n'
+        '(d / "cpuset.cpus").write_text(str(cpu))',
+    ),
     "07.1": Hint(
         "docker run -m / --memory-swap; memory.memsw.limit_in_bytes (v1), memory.swap.max (v2)",
         "Docker's --memory-swap is memory *plus* swap. No swap on top of 32 MiB therefore means the "
@@ -224,6 +233,15 @@ HINTS: dict[str, Hint] = {
         "cpu_seconds = (rows[-1][1] - rows[0][1]) / 1e9\n"
         "mib_seconds = sum((m0 + m1) / 2 / MiB * (t1 - t0)\n"
         "                  for (t0, _, m0), (t1, _, m1) in zip(rows, rows[1:]))",
+    ),
+    "07.6": Hint(
+        "kernel doc admin-guide/cgroup-v1/devices.rst; stat(2) st_mode, st_rdev",
+        "A rule names a device by what it is: its type (c for a character device, b for a block "
+        "device), the numbers of the device the node stands for, and the accesses (r read, w write, "
+        "m mknod). Opening for reading needs r. A rule in the deny file takes that access away.",
+        "st = os.stat(dev)\n"
+        'kind = "c" if stat.S_ISCHR(st.st_mode) else "b"\n'
+        '(cg.paths["devices"] / "devices.deny").write_text(f"{kind} {os.major(st.st_rdev)}:{os.minor(st.st_rdev)} rwm")',
     ),
 }
 

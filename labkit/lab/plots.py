@@ -376,11 +376,17 @@ def _cell(x: float, y: float, colour: str) -> Any:
 def timeseries(
     series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str, ylabel: str, what: str,
     limit: float | None = None, limit_label: str = "limit", path: str | os.PathLike | None = None,
+    spread: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
 ) -> Figure:
-    """Lines over time: ``series`` maps a label to (seconds, values)."""
+    """Lines over time: ``series`` maps a label to (seconds, values). ``spread`` maps a
+    label to (lows, highs) at the same times, drawn as a shaded band around its line
+    (e.g. the min and max over repeated runs, when the line is their median)."""
     fig, ax = figure(title, what)
     for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, label=label, lw=1.6)
+        (line,) = ax.plot(xs, ys, label=label, lw=1.6)
+        if spread and label in spread:
+            lows, highs = spread[label]
+            ax.fill_between(xs, lows, highs, color=line.get_color(), alpha=0.18, lw=0)
     if limit is not None:
         ax.axhline(limit, color="#b00020", ls="--", lw=1, label=limit_label)
     ax.set_xlabel("time (s)")

@@ -11,6 +11,11 @@ those exercises do not run the function in a plain fork of the notebook. They fo
 only then let the caller fork the child that runs the student's function. Whatever the
 child does to its caller happens in the scratch namespaces, which die with the caller.
 
+``read_only_host`` is for exercises that write through a directory (05's merged
+overlay): a path that starts with ``/`` makes ``root / "/etc/motd"`` the host's own
+``/etc/motd``. The function runs in a mount namespace of its own in which ``/`` is
+read-only, so such a write fails with EROFS and the check can say where it went.
+
 Layer: lab. Uses labkit.kernel (namespaces, mounts, syscalls); called by check cells.
 """
 
@@ -95,3 +100,25 @@ def uts_caller(func: Callable[[], Any], hostname: str = "scratch-host") -> tuple
     if done.returncode != 0:
         raise AssertionError(f"the scratch namespace could not be set up: {_child_result(done)[1]}")
     return done.value
+
+
+def read_only_host(func: Callable[..., Any], *args: Any) -> Any:
+    """``func(*args)`` in a child whose ``/`` is a read-only copy of the host's: a write
+    that misses its directory and lands on the root filesystem fails with EROFS instead
+    of changing the host. Other mounts (an overlay's merged directory, /tmp on tmpfs)
+    stay writable. Returns what ``func`` returned; re-raises in one line what it raised."""
+
+    def child() -> Any:
+        mounts.make_private("/")  # our remount below must not propagate to the host
+        syscalls.mount(None, "/", None, MountFlags.MS_REMOUNT | MountFlags.MS_BIND | MountFlags.MS_RDONLY)
+        return func(*args)
+
+    done = namespaces.run(child, new={"mnt"}, timeout=30)
+    value, error = _child_result(done)
+    if error.startswith("NotImplementedError"):
+        raise NotImplementedError(error.partition(": ")[2])
+    if "Read-only file system" in error:
+        raise AssertionError(f"it wrote outside the directory it was given, onto the host's root filesystem: {error}")
+    if error:
+        raise AssertionError(f"in the child: {error}")
+    return value
