@@ -64,7 +64,7 @@ PRELOAD = (
     "labkit.engine.images", "labkit.engine.rootfs", "labkit.engine.layers", "labkit.kernel.safe",
     "labkit.kernel.cgroups", "labkit.kernel.cgroups.v1", "labkit.kernel.cgroups.v2", "labkit.kernel.overlay",
     "labkit.kernel.namespaces", "labkit.kernel.security", "labkit.kernel.mounts", "json", "argparse",
-    "labkit.kernel.seccomp", "pyseccomp",  # ~30 ms to import: once here, not in every container's init
+    "labkit.kernel.seccomp", "labkit.kernel.seccomp_cache",  # the binding only on a cache miss
 )  # fmt: skip
 
 

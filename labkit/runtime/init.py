@@ -15,8 +15,8 @@ order the notebooks build a container by hand:
  8. be in the container's cgroup                                      (notebooks 06, 07)
  9. say "created", wait for ``start`` at the exec fifo (handshake.py)
 10. drop capabilities, switch uid/gid, cd, execve the command         (notebook 09)
-    with the seccomp filter loaded last (compiled before step 5, while
-    libseccomp is still reachable on the host's filesystem)           (notebook 09)
+    with the seccomp filter loaded last (its BPF compiled or read from the
+    cache before step 5, while the host's filesystem is reachable)     (notebook 09)
 
 Step 8 is where the cgroup is *known* to hold us. On cgroup v2 the shim moves us while
 we run steps 1-7 (a first move waits for the kernel, so it overlaps our work) and we
@@ -42,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from labkit.errors import LabkitError, SyscallError
-from labkit.kernel import mounts, seccomp, security, syscalls
+from labkit.kernel import mounts, seccomp, seccomp_cache, security, syscalls
 from labkit.kernel.syscalls import CloneFlags, MountFlags
 from labkit.runtime import filesystem, handshake
 from labkit.runtime.spec import NAMESPACES, Spec
@@ -62,7 +62,7 @@ class Context:
     cgroup_dirs: dict[str, str] = field(default_factory=dict)  # controller -> host dir
     console: str | None = None  # path of a pty slave to bind on /dev/console
     join_cgroup: Callable[[], None] | None = None  # moves us into our cgroup (v1), else None
-    seccomp_filter: object = None  # libseccomp's filter, compiled in setup, loaded before execve
+    seccomp_filter: bytes | None = None  # the BPF program, compiled (or cached) in setup, loaded before execve
 
 
 class InitError(Exception):
@@ -173,12 +173,13 @@ def wait_for_start(ctx: Context) -> int:
     return handshake.wait_for_start(ctx.fifo)
 
 
-def compile_seccomp(spec: Spec) -> object:
-    """libseccomp's filter for the spec's rules (None without any): built, not yet loaded."""
-    return None if spec.seccomp is None else seccomp.compile(spec.seccomp)
+def compile_seccomp(spec: Spec) -> bytes | None:
+    """The BPF program for the spec's rules (None without any), not yet loaded: compiled
+    by libseccomp the first time, then read from the state root's cache."""
+    return None if spec.seccomp is None else seccomp_cache.program(spec.seccomp)
 
 
-def finish_and_exec(spec: Spec, exe: str, seccomp_filter: object = None) -> None:
+def finish_and_exec(spec: Spec, exe: str, seccomp_filter: bytes | None = None) -> None:
     """10. Become the user's process. After this, only the kernel can help.
 
     The seccomp filter comes last, so that it only judges the command, not our set-up.
