@@ -73,8 +73,13 @@ def read(path: Path) -> bytes | None:
 
 def write(path: Path, prog: bytes) -> None:
     """Store an entry atomically: a temporary file renamed over the name, so a reader
-    sees the whole old entry, the whole new one, or none."""
+    sees the whole old entry, the whole new one, or none. mkstemp picks a name no other
+    writer has: every container's init is PID 1, so its pid would not do."""
+    import tempfile  # only on a miss: not on every container's path
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_bytes(hashlib.sha256(prog).hexdigest().encode() + b"\n" + prog)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as f:
+        f.write(hashlib.sha256(prog).hexdigest().encode() + b"\n" + prog)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
