@@ -58,6 +58,11 @@ def containers_dir() -> Path:
     return lib_root() / "containers"
 
 
+def seccomp_cache_dir() -> Path:
+    """BPF programs libseccomp compiled, one file per distinct filter (kernel/seccomp_cache.py)."""
+    return lib_root() / "seccomp"
+
+
 def mounts_dir() -> Path:
     """Scratch mount points made by the kernel layer (overlay demos, bind mounts)."""
     return run_root() / "mnt"

@@ -79,6 +79,10 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
         p.add_argument("--read-only", action="store_true", help="mount the root filesystem read-only")
         p.add_argument("--cap-add", action="append", default=[], help="add a capability (or ALL)")
         p.add_argument("--cap-drop", action="append", default=[], help="drop a capability (or ALL)")
+        p.add_argument("--security-opt", action="append", default=[],
+                       help="seccomp=unconfined, seccomp=PROFILE.json (Docker's format), no-new-privileges")
+        p.add_argument("--privileged", action="store_true",
+                       help="all capabilities, no seccomp, no masked paths, the host's devices")
         p.add_argument("--network", "--net", default="bridge",
                        help="bridge (default), none (only lo), host, container:NAME or a network's name")
         p.add_argument("-p", "--publish", action="append", default=[], help="[IP:]HOST:CONTAINER[/tcp|udp]")

@@ -2,7 +2,8 @@
 
 ``-m 64m --cpus 0.5 --pids-limit 20`` become cgroup Limits, ``-v`` bind mounts,
 ``--cap-add``/``--cap-drop`` the capability set, ``-u`` a uid and gid (looked up in the
-image's /etc/passwd). Everything is checked here; nothing is created.
+image's /etc/passwd), ``--security-opt`` and ``--privileged`` the seccomp filter and what
+else Docker takes away or gives back. Everything is checked here; nothing is created.
 
 Layer: the CLI. Calls labkit.runtime.spec, labkit.engine.images, labkit.kernel.security.
 """
@@ -10,11 +11,12 @@ Layer: the CLI. Calls labkit.runtime.spec, labkit.engine.images, labkit.kernel.s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from labkit.engine import images
 from labkit.errors import InvalidValue, NotFound
-from labkit.kernel import security
+from labkit.kernel import seccomp, security
 from labkit.kernel.cgroups import Limits
 from labkit.runtime import state as st
 from labkit.runtime.spec import DEFAULT_PATH, Mount, Spec, docker_mounts
@@ -27,6 +29,7 @@ def build_spec(args: argparse.Namespace, container_id: str):
     mode = network_mode(args.network)
     volumes = [_volume(v) for v in args.volume]
     caps = _capabilities(args.cap_add, args.cap_drop)
+    confinement = security_options(args.security_opt, args.privileged, caps)
     image = images.get(args.image)
     cfg = image.config
     entrypoint = getattr(args, "entrypoint", None)  # --entrypoint "" drops the image's
@@ -47,14 +50,52 @@ def build_spec(args: argparse.Namespace, container_id: str):
     # a network namespace of its own only with --network none: the others join one (or the host's)
     namespaces = tuple(n for n in ("mount", "network", "uts", "pid", "ipc") if n != "network" or mode == "none")
     lib = st.data_dir(container_id)
-    mounts = docker_mounts() + tuple(Mount(dst, "bind", src, ("rbind", "ro" if ro else "rw")) for src, dst, ro in volumes)
+    mounts = _base_mounts(args.privileged) + tuple(Mount(dst, "bind", src, ("rbind", "ro" if ro else "rw")) for src, dst, ro in volumes)
     return Spec(
         args=tuple(argv), env=tuple(env.values()), cwd=args.workdir or cfg.working_dir or "/", uid=uid, gid=gid,
         hostname=args.hostname or container_id[:12], rootfs=str(st.container_dir(container_id) / "rootfs"),
         readonly=args.read_only, layers=tuple(str(p) for p in image.layers), upper=str(lib / "upper"),
         work=str(lib / "work"), mounts=mounts, namespaces=namespaces, limits=limits if limits.given() else None,
-        capabilities=caps, terminal=args.tty,
-    ).validate(), image  # fmt: skip
+        terminal=args.tty,
+    ).replace(**confinement).validate(), image  # fmt: skip
+
+
+def security_options(opts: list[str], privileged: bool, caps: tuple[str, ...]) -> dict[str, object]:
+    """``--security-opt`` and ``--privileged``: the Spec fields they set, as Docker reads them.
+
+    By default a container gets Docker's seccomp profile, evaluated for its capabilities.
+    ``--privileged`` gives every capability the caller has, no seccomp, no masked or
+    read-only paths, a writable /sys and the host's device nodes: all that is given away.
+    """
+    no_new_privs, unconfined, path = False, privileged, None
+    for opt in opts:
+        key, _, value = opt.replace(":", "=", 1).partition("=")  # Docker took "seccomp:x" once
+        if key == "no-new-privileges" and value in ("", "true", "false"):
+            no_new_privs = value != "false"
+        elif key == "seccomp" and value == "unconfined":
+            unconfined = True
+        elif key == "seccomp" and value:
+            path = value
+        else:
+            raise InvalidValue("security option", opt, "seccomp=unconfined, seccomp=PROFILE.json or no-new-privileges")
+    if privileged:
+        have = security.capsets().bounding
+        caps = tuple("CAP_" + n for n, bit in security.CAPABILITIES.items() if have >> bit & 1)
+    elif path is not None:  # Docker reads the file even with unconfined given later
+        seccomp.profile(path, caps)
+    changes: dict[str, object] = {"capabilities": caps, "no_new_privileges": no_new_privs}
+    if not unconfined:
+        changes["seccomp"] = seccomp.profile(path, caps) if path else seccomp.default(caps)
+    if privileged:
+        changes.update(masked_paths=(), readonly_paths=(), host_devices=True)
+    return changes
+
+
+def _base_mounts(privileged: bool) -> tuple[Mount, ...]:
+    """Docker's mounts; --privileged mounts /sys and its cgroup files writable."""
+    if not privileged:
+        return docker_mounts()
+    return tuple(dataclasses.replace(m, options=tuple(o for o in m.options if o != "ro")) for m in docker_mounts())
 
 
 def network_mode(text: str) -> str:

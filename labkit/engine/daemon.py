@@ -66,6 +66,7 @@ PRELOAD = (
     "labkit.kernel.namespaces", "labkit.kernel.security", "labkit.kernel.mounts", "json", "argparse",
     # the default network: endpoints, pyroute2's IPRoute (slow to import), libnftables' wrapper
     "labkit.engine.endpoints", "labkit.engine.networks", "labkit.kernel.network", "pyroute2.iproute.linux",
+    "labkit.kernel.seccomp", "labkit.kernel.seccomp_cache",  # the binding only on a cache miss
 )  # fmt: skip
 
 

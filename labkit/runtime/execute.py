@@ -92,13 +92,14 @@ def exec_in(
 def _enter(spec, cg, ns_fds: dict[str, int], stdio: Stdio, err_w: int) -> None:
     try:
         cg.add(0)  # 0: "the process writing this"; before setns(mnt) hides the host's /sys
+        seccomp_filter = init.compile_seccomp(spec)  # the container's filter, as Docker's exec
         for fd in ns_fds.values():
             syscalls.setns(fd, 0)
             os.close(fd)
         set_stdio(stdio, spec.terminal)
         os.chdir("/")
         exe = init.find_executable(spec)
-        init.finish_and_exec(spec, exe)
+        init.finish_and_exec(spec, exe, seccomp_filter)
     except init.InitError as err:
         handshake.send(err_w, f"error {err.code} {err}")
         os._exit(err.code)

@@ -104,6 +104,27 @@ def make_dev(root: str, console: str | None) -> None:
         mounts.bind(console, path, recursive=False)
 
 
+def copy_host_devices(root: str, host_dev: str = "/dev", limit: int = 4096) -> int:
+    """--privileged: a node in the container's /dev for each of the host's devices (two
+    levels deep, as /dev/net/tun). New nodes on the container's tmpfs, as Docker makes
+    them: the host's /dev is never written. Returns how many were made."""
+    dev, made = secure_join(root, "/dev"), 0
+    for parent, rel in ((host_dev, ""), *((e.path, e.name) for e in os.scandir(host_dev)
+                                          if e.is_dir(follow_symlinks=False) and e.name not in ("pts", "shm", "mqueue"))):  # fmt: skip
+        for entry in os.scandir(parent):
+            st = entry.stat(follow_symlinks=False)
+            target = os.path.join(dev, rel, entry.name)
+            if not (stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)) or os.path.lexists(target):
+                continue
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.mknod(target, st.st_mode, st.st_rdev)
+            os.chmod(target, stat.S_IMODE(st.st_mode))
+            made += 1
+            if made >= limit:
+                return made
+    return made
+
+
 def secure_join(root: str, path: str) -> str:
     """``root/path`` with every symlink resolved as if ``root`` were ``/``.
 

@@ -15,6 +15,8 @@ order the notebooks build a container by hand:
  8. be in the container's cgroup                                      (notebooks 06, 07)
  9. say "created", wait for ``start`` at the exec fifo (handshake.py)
 10. drop capabilities, switch uid/gid, cd, execve the command         (notebook 09)
+    with the seccomp filter loaded last (its BPF compiled or read from the
+    cache before step 5, while the host's filesystem is reachable)     (notebook 09)
 
 Step 8 is where the cgroup is *known* to hold us. On cgroup v2 the shim moves us while
 we run steps 1-7 (a first move waits for the kernel, so it overlaps our work) and we
@@ -40,7 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from labkit.errors import LabkitError, SyscallError
-from labkit.kernel import mounts, security, syscalls
+from labkit.kernel import mounts, seccomp, seccomp_cache, security, syscalls
 from labkit.kernel.syscalls import CloneFlags, MountFlags
 from labkit.runtime import filesystem, handshake
 from labkit.runtime.spec import NAMESPACES, Spec
@@ -60,6 +62,7 @@ class Context:
     cgroup_dirs: dict[str, str] = field(default_factory=dict)  # controller -> host dir
     console: str | None = None  # path of a pty slave to bind on /dev/console
     join_cgroup: Callable[[], None] | None = None  # moves us into our cgroup (v1), else None
+    seccomp_filter: bytes | None = None  # the BPF program, compiled (or cached) in setup, loaded before execve
 
 
 class InitError(Exception):
@@ -76,7 +79,7 @@ def main(ctx: Context) -> None:
         exe = setup(ctx)  # steps 1-7
         wait_for_cgroup(ctx)  # 8. in our cgroup before we say "created"
         os.close(wait_for_start(ctx))  # 9.
-        finish_and_exec(ctx.spec, exe)  # 10.
+        finish_and_exec(ctx.spec, exe, ctx.seccomp_filter)  # 10.
     except InitError as err:
         _report(ctx.sync_fd, err.code, str(err))
     except LabkitError as err:
@@ -96,6 +99,7 @@ def setup(ctx: Context) -> str:
     mounts.make_private("/")  # 2.
     filesystem.mount_rootfs(spec, ctx.rootfs)  # 3.
     mount_inside(ctx)  # 4.
+    ctx.seccomp_filter = compile_seccomp(spec)  # for 10., while the host's libseccomp is reachable
     # exec.fifo lies outside the new root: keep an O_PATH fd that still reaches it
     fifo = os.open(ctx.fifo, os.O_PATH | os.O_CLOEXEC)
     mounts.pivot_into(ctx.rootfs)  # 5.
@@ -129,6 +133,8 @@ def mount_inside(ctx: Context) -> None:
     for m in ctx.spec.mounts:
         filesystem.mount_one(m, ctx.rootfs, ctx.cgroup_dirs)
     filesystem.make_dev(ctx.rootfs, ctx.console)
+    if ctx.spec.host_devices:
+        filesystem.copy_host_devices(ctx.rootfs)
 
 
 def hide_host_files(spec: Spec) -> None:
@@ -167,10 +173,23 @@ def wait_for_start(ctx: Context) -> int:
     return handshake.wait_for_start(ctx.fifo)
 
 
-def finish_and_exec(spec: Spec, exe: str) -> None:
-    """10. Become the user's process. After this, only the kernel can help."""
+def compile_seccomp(spec: Spec) -> bytes | None:
+    """The BPF program for the spec's rules (None without any), not yet loaded: compiled
+    by libseccomp the first time, then read from the state root's cache."""
+    return None if spec.seccomp is None else seccomp_cache.program(spec.seccomp)
+
+
+def finish_and_exec(spec: Spec, exe: str, seccomp_filter: bytes | None = None) -> None:
+    """10. Become the user's process. After this, only the kernel can help.
+
+    The seccomp filter comes last, so that it only judges the command, not our set-up.
+    Without no_new_privs, loading one needs CAP_SYS_ADMIN, which the capability step
+    takes away: then it is loaded just before that step (runc does the same).
+    """
     if spec.no_new_privileges:
         security.set_no_new_privs()
+    elif seccomp_filter is not None:
+        seccomp.load(seccomp_filter)
     security.drop_bounding(spec.capabilities)  # needs CAP_SETPCAP: before the switch
     os.setgroups(list(spec.additional_gids))
     os.setgid(spec.gid)
@@ -195,6 +214,8 @@ def finish_and_exec(spec: Spec, exe: str) -> None:
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     env = dict(e.split("=", 1) for e in spec.env)
+    if spec.no_new_privileges and seccomp_filter is not None:
+        seccomp.load(seccomp_filter)  # the last step: from here on the filter judges every call
     try:
         os.execve(exe, list(spec.args), env)
     except OSError as err:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from labkit.errors import InvalidValue, NotFound, Unsupported
-from labkit.kernel import security
+from labkit.kernel import seccomp, security
 from labkit.kernel.cgroups.limits import Limits
 from labkit.runtime import resources
 
@@ -43,6 +43,7 @@ RUNC_NAMESPACES = ("pid", "network", "ipc", "uts", "mount")
 _ANNOTATION_LAYERS = "org.labkit.rootfs.lowerdirs"  # overlay lowers, top first, ':'-joined
 _ANNOTATION_UPPER = "org.labkit.rootfs.upperdir"
 _ANNOTATION_WORK = "org.labkit.rootfs.workdir"
+_ANNOTATION_HOST_DEVICES = "org.labkit.devices.host"  # --privileged: the host's device nodes
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,8 @@ class Spec:
     masked_paths: tuple[str, ...] = security.MASKED_PATHS
     readonly_paths: tuple[str, ...] = security.READONLY_PATHS
     no_new_privileges: bool = False
+    seccomp: seccomp.Filter | None = None  # None: no filter (runc spec's and --privileged's)
+    host_devices: bool = False  # --privileged: every device node of the host's /dev
     terminal: bool = False
     rlimits: tuple[Rlimit, ...] = ()
     cgroups_path: str | None = None
@@ -193,6 +196,8 @@ class Spec:
         for p in (*self.masked_paths, *self.readonly_paths):
             if not p.startswith("/"):
                 raise InvalidValue("masked or read-only path", p, "an absolute path")
+        if self.seccomp is not None:
+            self.seccomp.check()
         if bool(self.layers) != bool(self.upper and self.work):
             raise InvalidValue("overlay rootfs", self.layers, "layers together with an upper and a work dir")
         return self
@@ -226,6 +231,8 @@ class Spec:
             "maskedPaths": list(self.masked_paths),
             "readonlyPaths": list(self.readonly_paths),
         }
+        if self.seccomp is not None:
+            linux["seccomp"] = self.seccomp.to_oci()
         res = limits_to_oci(self.limits)
         if res:
             linux["resources"] = res
@@ -245,6 +252,8 @@ class Spec:
             notes[_ANNOTATION_LAYERS] = ":".join(self.layers)
             notes[_ANNOTATION_UPPER] = self.upper
             notes[_ANNOTATION_WORK] = self.work
+        if self.host_devices:
+            notes[_ANNOTATION_HOST_DEVICES] = "true"
         if notes:
             doc["annotations"] = notes
         return doc
@@ -282,6 +291,8 @@ class Spec:
                 masked_paths=tuple(linux.get("maskedPaths") or ()),
                 readonly_paths=tuple(linux.get("readonlyPaths") or ()),
                 no_new_privileges=bool(process.get("noNewPrivileges", False)),
+                seccomp=seccomp.Filter.from_oci(linux["seccomp"]) if linux.get("seccomp") else None,
+                host_devices=notes.pop(_ANNOTATION_HOST_DEVICES, "") == "true",
                 terminal=bool(process.get("terminal", False)),
                 rlimits=tuple(Rlimit(r["type"], int(r["soft"]), int(r["hard"])) for r in process.get("rlimits") or ()),
                 cgroups_path=linux.get("cgroupsPath"),
