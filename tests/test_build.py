@@ -211,13 +211,15 @@ def test_bad_input_is_one_line_and_stores_nothing(store, tmp_dir, text, args, sa
 
 
 def test_commit_makes_a_layer_with_whiteouts_that_can_be_saved(store, tmp_dir):
-    lk("run", "--name", "c1", "busybox", "sh", "-c", "echo hi > /new; rm /bin/ls; rm -r /etc; mkdir /etc; "
-       "echo x > /etc/only", check=True)  # fmt: skip
+    # /mnt replaced by a new directory (overlay: opaque); /etc/hosts and friends are the
+    # engine's bind mounts, as in Docker, and must not end up in the image
+    lk("run", "--name", "c1", "busybox", "sh", "-c", "echo hi > /new; rm /bin/ls; rm -r /mnt; mkdir /mnt; "
+       "echo x > /mnt/only; echo 10.9.9.9 extra >> /etc/hosts", check=True)  # fmt: skip
     image_id = lk("commit", "-m", "by hand", "c1", "changed:v1", check=True).stdout.strip()
     assert image_id.startswith("sha256:")
-    out = lk("run", "--rm", "changed:v1", "sh", "-c", "cat /new; ls /etc; test -e /bin/ls || echo not found",
-             check=True).stdout  # fmt: skip
-    assert out.splitlines()[:2] == ["hi", "only"] and "not found" in out
+    out = lk("run", "--rm", "changed:v1", "sh", "-c", "cat /new; ls /mnt; test -e /bin/ls || echo not found; "
+             "grep -c extra /etc/hosts || true", check=True).stdout  # fmt: skip
+    assert out.splitlines() == ["hi", "only", "not found", "0"], out
     assert "by hand" in lk("history", "changed:v1", check=True).stdout
     lk("save", "-o", str(tmp_dir / "c.tar"), "changed:v1", check=True)
     with tarfile.open(tmp_dir / "c.tar") as outer:
@@ -229,10 +231,13 @@ def test_commit_makes_a_layer_with_whiteouts_that_can_be_saved(store, tmp_dir):
     for data in layer_tars:
         try:
             with tarfile.open(fileobj=io.BytesIO(data)) as t:
-                inner |= set(t.getnames())
+                names = set(t.getnames())
         except tarfile.TarError:
             continue
-    assert {"bin/.wh.ls", "etc/.wh..wh..opq", "etc/only", "new"} <= inner
+        if "new" in names:  # the committed layer
+            inner = names
+    assert {"bin/.wh.ls", "mnt/.wh..wh..opq", "mnt/only", "new"} <= inner
+    assert not inner & {"etc/hosts", "etc/hostname", "etc/resolv.conf"}, "the engine's bind mounts"
 
 
 def test_rmi_and_prune_keep_what_a_container_uses(store, tmp_dir):
@@ -280,3 +285,26 @@ STOPSIGNAL SIGUSR1
     lk("stop", "-t", "20", cid, check=True)
     assert time.monotonic() - t0 < 10
     assert "Exited (7)" in lk("ps", "-a", check=True).stdout
+
+
+def test_the_engines_empty_mount_points_are_no_change(tmp_dir):
+    """An image without /etc/hosts gets an empty mount point for the engine's bind mount in
+    the container's upper directory; commit leaves it out (Docker's init layer). A hosts
+    file the container's command really wrote there (not empty) stays."""
+    from labkit.engine import changes
+
+    upper = tmp_dir / "upper"
+    (upper / "etc").mkdir(parents=True)
+    for name in ("hosts", "hostname", "resolv.conf"):
+        (upper / "etc" / name).touch()
+    (upper / "etc" / "motd").write_text("hello\n")
+    out = tmp_dir / "layer.tar"
+    with open(out, "wb") as f:
+        changes.pack(upper, f, skip_mount_points=True)
+    with tarfile.open(out) as t:
+        assert sorted(t.getnames()) == ["etc", "etc/motd"]
+    (upper / "etc" / "hosts").write_text("10.0.0.1 mine\n")
+    with open(out, "wb") as f:
+        changes.pack(upper, f, skip_mount_points=True)
+    with tarfile.open(out) as t:
+        assert "etc/hosts" in t.getnames()

@@ -40,6 +40,12 @@ from labkit.kernel import overlay
 # Directories the runtime mounts over in every container: a RUN that finds them
 # missing makes empty mount points, which are no change of the image.
 MOUNT_POINTS = ("dev", "proc", "sys")
+# Files the engine bind-mounts over in a networked container (engine/endpoints.py). Where
+# the image lacks them, the runtime leaves an empty file in the upper directory as the
+# mount point; what the container writes to them goes to the bind mount's source. Docker
+# keeps these stubs in a separate "init" layer that `docker commit` leaves out; so does
+# this, by skipping them while they are empty.
+MOUNT_FILES = ("etc/hosts", "etc/hostname", "etc/resolv.conf")
 
 
 def _plain(info: tarfile.TarInfo, name: str) -> tarfile.TarInfo:
@@ -58,7 +64,8 @@ def _empty(name: str, mtime: float) -> tarfile.TarInfo:
 def pack(upper: str | os.PathLike[str], out: BinaryIO, skip_mount_points: bool = False) -> int:
     """Write the changes in directory ``upper`` to ``out`` as a layer tar; the number of
     members written. ``skip_mount_points`` leaves out /dev, /proc and /sys when they are
-    empty directories (what a container's runtime made, not what its command did)."""
+    empty directories, and the empty mount points of MOUNT_FILES (what a container's
+    runtime made, not what its command did)."""
     top = Path(upper)
     count = 0
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
@@ -74,6 +81,8 @@ def pack(upper: str | os.PathLike[str], out: BinaryIO, skip_mount_points: bool =
                 full = Path(dirpath) / name
                 arc = str(rel_dir / name) if rel_dir != Path(".") else name
                 st = os.lstat(full)
+                if skip_mount_points and arc in MOUNT_FILES and stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                    continue
                 if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:  # an overlay whiteout
                     parent = str(rel_dir) + "/" if rel_dir != Path(".") else ""
                     tar.addfile(_empty(f"{parent}{WHITEOUT_PREFIX}{name}", st.st_mtime))
