@@ -411,3 +411,13 @@ def test_importing_the_network_module_does_not_load_pyroute2():
     out = subprocess.run([os.sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHONPATH": str(paths.Path(__file__).parent.parent)})
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_the_default_roots_bridge_name_is_one_labkit_accepts(monkeypatch):
+    """Outside the tests (no LABKIT_ROOT) the default network's bridge is labkit0, like
+    docker0; the link layer must accept it, or every `labkit run` of a student fails."""
+    monkeypatch.delenv("LABKIT_ROOT", raising=False)
+    assert paths.bridge_name() == paths.DEFAULT_BRIDGE
+    assert net.check_link_name(paths.bridge_name()) == paths.DEFAULT_BRIDGE
+    with pytest.raises(InvalidValue):
+        net.check_link_name("labkit1")  # only that one name outside lk*

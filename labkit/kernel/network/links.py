@@ -88,13 +88,15 @@ class Route:
 
 # -- checking input before the kernel sees it ----------------------------------------------
 def check_link_name(name: object, *, on_host: bool = True) -> str:
-    """A link name the kernel accepts (dev_valid_name); on the host, with our prefix."""
+    """A link name the kernel accepts (dev_valid_name); on the host, with our prefix, or
+    the default network's bridge (``labkit0``, the one name cleanup knows besides lk*)."""
     accepted = "1-15 characters without '/', ':' or spaces"
     if on_host:
         accepted = f"a name starting with '{paths.LINK_PREFIX}', " + accepted + f" (e.g. {paths.LINK_PREFIX}br0)"
     ok = isinstance(name, str) and 0 < len(name.encode()) < IFNAMSIZ and name not in (".", "..")
     ok = ok and not re.search(r"[/:\s]", name)  # type: ignore[arg-type]
-    if not ok or (on_host and not name.startswith(paths.LINK_PREFIX)):  # type: ignore[union-attr]
+    ours = ok and (name.startswith(paths.LINK_PREFIX) or name == paths.DEFAULT_BRIDGE)  # type: ignore[union-attr]
+    if not ok or (on_host and not ours):
         raise InvalidValue("link name", name, accepted)
     return name  # type: ignore[return-value]
 
