@@ -123,7 +123,18 @@ def _machine_state() -> dict:
 
     return {"hostname": socket.gethostname(), "root propagation": root.split(" - ")[0].split()[6:],
             "/etc/motd": Path("/etc/motd").read_bytes() if Path("/etc/motd").exists() else None,
-            "cgroups": sorted(n for n in cgroups.list_all() if re.match(r"nb0\d", n))}
+            "cgroups": sorted(n for n in cgroups.list_all() if re.match(r"nb0\d", n)),
+            "network": _network_state()}
+
+
+def _network_state() -> dict:
+    """The notebooks' namespaces, host links and nftables tables (08: labkit-nb08*, lk8-*)."""
+    from labkit.kernel import network as net
+
+    return {"namespaces": sorted(n for n in net.namespaces() if n.startswith("labkit-nb0")),
+            "links": sorted(n for n in os.listdir("/sys/class/net") if n.startswith("lk8-")),
+            "tables": sorted(t for t in net.tables() if t.startswith("labkit-nb0")),
+            "ip_forward": net.forwarding()}
 
 
 @pytest.mark.parametrize("number, k, answers", _cases())

@@ -233,4 +233,45 @@ WRONG: dict[str, list[str]] = {
         'st = os.stat(dev)  # m only: making the node is refused, opening it is not\n'
         '(cg.paths["devices"] / "devices.deny").write_text(f"c {os.major(st.st_rdev)}:{os.minor(st.st_rdev)} m")',
     ],
+    # --- 08: network namespace, veth, bridge, DNAT
+    "08.1": [
+        'net.veth(host_end, "eth0", peer_netns=ns)\n'
+        'net.add_address(host_end, host_cidr)\n'
+        'net.add_address("eth0", ns_cidr, netns=ns)\n'
+        'net.set_up(host_end)  # the inside end left down',
+        'net.veth(host_end, "eth0", peer_netns=ns)\n'
+        'net.add_address(host_end, host_cidr)\n'
+        'net.add_address(host_end, ns_cidr)  # both addresses on the host end\n'
+        'net.set_up(host_end)\n'
+        'net.set_up("eth0", netns=ns)',
+        'net.veth(host_end, "lk8-peer")  # both ends on the host, then one moved: it keeps its name\n'
+        'net.move("lk8-peer", ns)\n'
+        'net.add_address(host_end, host_cidr)\n'
+        'net.add_address("eth0", ns_cidr, netns=ns)\n'
+        'net.set_up(host_end)\n'
+        'net.set_up("eth0", netns=ns)',
+    ],
+    "08.2": [
+        'net.bridge(name)\n'
+        'for end in ends:\n'
+        '    net.set_master(end, name)  # the bridge left down',
+        'net.bridge(name)\n'
+        'net.set_master(ends[0], name)  # only the first port\n'
+        'net.set_up(name)',
+        'net.bridge(name)\n'
+        'for end in ends:\n'
+        '    net.set_master(name, end)  # the other way round\n'
+        'net.set_up(name)',
+    ],
+    "08.3": [
+        'table = net.Table(TABLE + "x").create()  # a table of its own, not the notebook\'s\n'
+        'table.publish(host_port, ip, port, tag="nb08")\n'
+        'return table',
+        'table = net.Table(TABLE).create()\n'
+        'table.publish(port, ip, host_port, tag="nb08")  # the two ports swapped\n'
+        'return table',
+        'table = net.Table(TABLE).create()\n'
+        'table.publish(host_port, "10.208.5.1", port, tag="nb08")  # to the bridge\'s address, not the container\'s\n'
+        'return table',
+    ],
 }

@@ -243,6 +243,35 @@ HINTS: dict[str, Hint] = {
         'kind = "c" if stat.S_ISCHR(st.st_mode) else "b"\n'
         '(cg.paths["devices"] / "devices.deny").write_text(f"{kind} {os.major(st.st_rdev)}:{os.minor(st.st_rdev)} rwm")',
     ),
+    "08.1": Hint(
+        "ip-link(8) type veth, peer name ... netns; ip-address(8); net.veth, net.add_address, net.set_up",
+        "A veth pair is made in one go, with the peer created directly inside the namespace "
+        "(peer_netns=). Each end is then configured in its own namespace: the inside one with "
+        "netns=ns. A new link is down until you switch it on, on both sides.",
+        'net.veth(host_end, "eth0", peer_netns=ns)\n'
+        "net.add_address(host_end, host_cidr)\n"
+        'net.add_address("eth0", ns_cidr, netns=ns)\n'
+        "net.set_up(host_end)\n"
+        'net.set_up("eth0", netns=ns)',
+    ),
+    "08.2": Hint(
+        "ip-link(8) type bridge, ip link set DEV master BRIDGE; net.bridge, net.set_master",
+        "A bridge is a switch: make it, make each host end one of its ports (the bridge is the "
+        "port's master), and remember that a new bridge is down like any new link.",
+        "net.bridge(name)\n"
+        "for end in ends:\n"
+        "    net.set_master(end, name)\n"
+        "net.set_up(name)",
+    ),
+    "08.3": Hint(
+        "nft(8) dnat; labkit.kernel.network.nat.Table.create, Table.publish",
+        "The rule belongs in this notebook's table, net.Table(TABLE), which must exist first "
+        "(create()). publish(host_port, container_ip, container_port): the host's port is what a "
+        "client dials, the container's address and port are where the server listens.",
+        "table = net.Table(TABLE).create()\n"
+        'table.publish(host_port, ip, port, tag="nb08")\n'
+        "return table",
+    ),
 }
 
 _ID = re.compile(r"^\d{2}\.\d{1,2}$")
