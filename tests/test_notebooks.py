@@ -85,6 +85,28 @@ def test_generate_is_stable_and_clean(tmp_path):
     assert notebooks.stale(src, out) == [out / "02-namespaces-uts-ipc.ipynb"]
 
 
+def test_a_notebooks_own_files_are_copied_and_kept_in_step(tmp_path):
+    src, out = tmp_path / "solutions", tmp_path / "notebooks"
+    (src / "02-files/ctx").mkdir(parents=True)
+    (src / "02-namespaces-uts-ipc.ipynb").write_bytes((REPO / "solutions/02-namespaces-uts-ipc.ipynb").read_bytes())
+    (src / "02-files/ctx/Containerfile").write_text("FROM busybox\n")
+    (src / "02-files/old.txt").write_text("old\n")
+    notebooks.generate(src, out)
+    assert (out / "02-files/ctx/Containerfile").read_text() == "FROM busybox\n"
+    assert notebooks.stale(src, out) == []
+    (out / "02-files/ctx/Containerfile").write_text("FROM scratch\n")  # a hand edit is stale
+    (src / "02-files/old.txt").unlink()  # and a file solutions/ dropped is an orphan
+    assert notebooks.stale(src, out) == [out / "02-files/ctx/Containerfile", out / "02-files/old.txt"]
+    notebooks.generate(src, out)
+    assert not (out / "02-files/old.txt").exists() and notebooks.stale(src, out) == []
+
+
+def test_notebook_10s_files_are_in_both_trees():
+    for top in ("solutions", "notebooks"):
+        assert (REPO / top / "10-files/lecture/Dockerfile").read_text() == \
+            (REPO / "tests/fixtures/lecture/Dockerfile").read_text()
+
+
 # --- check helpers ------------------------------------------------------------------------
 
 

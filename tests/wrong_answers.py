@@ -274,4 +274,39 @@ WRONG: dict[str, list[str]] = {
         'table.publish(host_port, "10.208.5.1", port, tag="nb08")  # to the bridge\'s address, not the container\'s\n'
         'return table',
     ],
+    # --- 10: images and builds
+    "10.1": [
+        'return [d for d in diff_ids]  # DiffIDs, not chain IDs',
+        'out = []\n'
+        'for d in diff_ids:\n'
+        '    out.append("sha256:" + hashlib.sha256(f"{out[-1] if out else \'\'} {d}".encode()).hexdigest())  # hashes L0 too\n'
+        'return out',
+        'out = []\n'
+        'for d in diff_ids:\n'
+        '    out.append(d if not out else "sha256:" + hashlib.sha256(f"{out[-1]}{d}".encode()).hexdigest())  # no space\n'
+        'return out',
+    ],
+    "10.2": [
+        'with tarfile.open(out, "w") as tar:\n'
+        '    for p in sorted(upper.rglob("*")):\n'
+        '        tar.add(p, arcname=str(p.relative_to(upper)), recursive=False)  # the whiteout stays a device\n'
+        'return "sha256:" + hashlib.sha256(out.read_bytes()).hexdigest()',
+        'with tarfile.open(out, "w") as tar:\n'
+        '    tar.add(upper, arcname=str(upper))  # absolute names, whiteout as a device\n'
+        'return "sha256:" + hashlib.sha256(out.read_bytes()).hexdigest()',
+        'with tarfile.open(out, "w:gz") as tar:  # compressed: its sha256 is the digest, not the DiffID\n'
+        '    for p in sorted(upper.rglob("*")):\n'
+        '        rel, st = p.relative_to(upper), os.lstat(p)\n'
+        '        if st.st_mode >> 12 == 2:\n'
+        '            tar.addfile(tarfile.TarInfo(str(rel.parent / (".wh." + rel.name))))\n'
+        '        else:\n'
+        '            tar.add(p, arcname=str(rel), recursive=False)\n'
+        'return "sha256:" + hashlib.sha256(gzip.decompress(out.read_bytes())).hexdigest()',
+    ],
+    "10.3": [
+        'return BAD  # the order of the slide: app code before the dependencies',
+        'return "FROM busybox\\nCOPY . /app/\\nRUN sleep 1 && cp /app/deps.txt /app/installed\\n"  # the whole context first',
+        'return "FROM busybox\\nCOPY deps.txt /app/deps.txt\\nCOPY app.sh /app/app.sh\\n"'
+        ' "RUN sleep 1 && cp /app/deps.txt /app/installed\\n"  # app.sh still above the RUN',
+    ],
 }

@@ -272,6 +272,32 @@ HINTS: dict[str, Hint] = {
         'table.publish(host_port, ip, port, tag="nb08")\n'
         "return table",
     ),
+    "10.1": Hint(
+        "OCI image spec, config.md: Layer ChainID",
+        "A chain ID names a layer together with every layer under it. The bottom one has nothing "
+        "under it, so its chain ID is its own DiffID; each next one is the sha256 of a text: the "
+        "previous chain ID, one space, this layer's DiffID. Written as 'sha256:' and hex, like a DiffID.",
+        "out = []\n"
+        "for d in diff_ids:  # the text to hash: f'{out[-1]} {d}', encoded\n"
+        "    out.append(d if not out else 'sha256:' + hashlib.sha256(...).hexdigest())",
+    ),
+    "10.2": Hint(
+        "OCI image spec, layer.md: Whiteouts; tarfile; stat(2) st_rdev",
+        "A layer tar names its members relative to the layer's root. overlayfs marks a delete with "
+        "a character device numbered 0/0; a tar cannot carry that meaning, so the spec uses an empty "
+        "regular file named .wh. plus the deleted name, in the same directory. The DiffID is the "
+        "sha256 of the very bytes of the tar you wrote.",
+        "for p in sorted(upper.rglob('*')):  # a whiteout: S_ISCHR and st_rdev == 0\n"
+        "    tar.addfile(tarfile.TarInfo(f'{rel.parent}/.wh.{rel.name}'))  # else tar.add(p, arcname=rel, recursive=False)\n"
+        "return 'sha256:' + hashlib.sha256(out.read_bytes()).hexdigest()",
+    ),
+    "10.3": Hint(
+        "Docker docs: build cache invalidation",
+        "A step's cache key is its parent image plus the step; a COPY also counts the bytes it "
+        "copies. Once one step misses, every step after it misses too. Put what changes rarely "
+        "(the dependency list and the step that installs it) above what changes often.",
+        "FROM busybox\nCOPY deps.txt ...\nRUN ... (the same command)\nCOPY app.sh ...",
+    ),
 }
 
 _ID = re.compile(r"^\d{2}\.\d{1,2}$")

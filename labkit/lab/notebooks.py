@@ -41,6 +41,7 @@ EXERCISE_LINE = re.compile(r"#\s*EXERCISE\s+(\d{2}\.\d{1,2})\b", re.IGNORECASE)
 HINT_LINE = re.compile(r"^\s*#\s*HINT:\s*(.+?)\s*$")
 CHECK_CALL = re.compile(r"\b(?:check|exercise)\(\s*[\"'](\d{2}\.\d{1,2})[\"']")
 STUB_CALL = re.compile(r"NotImplementedError\(\s*[\"']exercise (\d{2}\.\d{1,2})\b")
+FILES_DIR = re.compile(r"^(\d{2})-files$")  # a notebook's own files (a build context), copied as they are
 NAV_KEY = "labkit_nav"  # cell metadata marking a generated navigation cell
 CONTENTS = "README.md"
 STUDENT_METADATA = ("slideshow", "tags", NAV_KEY)  # cell metadata a student copy keeps
@@ -242,33 +243,48 @@ def plan(src_dir: Path | str, out_dir: Path | str) -> dict[Path, str]:
         files[out_dir / path.name] = dumps(_student(full, path.name))
     files[src_dir / CONTENTS] = _contents(entries, student=False)
     files[out_dir / CONTENTS] = _contents(entries, student=True)
+    for path in _own_files(src_dir):
+        files[out_dir / path.relative_to(src_dir)] = path.read_text()
     return files
+
+
+def _own_files(top: Path) -> list[Path]:
+    """The files in ``top``'s ``NN-files/`` folders (text only), which a notebook reads."""
+    return sorted(p for d in top.iterdir() if d.is_dir() and FILES_DIR.match(d.name)
+                  for p in d.rglob("*") if p.is_file())  # fmt: skip
+
+
+def _orphans(out_dir: Path, files: dict[Path, str]) -> list[Path]:
+    out = Path(out_dir)
+    notebooks = [p for p in out.glob("*.ipynb") if NOTEBOOK_NAME.match(p.name)]
+    return [p for p in notebooks + (_own_files(out) if out.is_dir() else []) if p not in files]
 
 
 def stale(src_dir: Path | str, out_dir: Path | str) -> list[Path]:
     """Files that differ from what ``generate`` would write, plus orphans in out_dir."""
     files = plan(src_dir, out_dir)
     out = [p for p, text in files.items() if not p.exists() or p.read_text() != text]
-    orphans = [p for p in Path(out_dir).glob("*.ipynb") if p not in files]
-    return sorted(out + orphans)
+    return sorted(out + _orphans(Path(out_dir), files))
 
 
 def generate(src_dir: Path | str, out_dir: Path | str) -> list[Path]:
     """Write the student notebooks and both contents pages; returns the files changed.
 
-    Notebooks in ``out_dir`` whose solution is gone are removed (only ``NN-*.ipynb``).
+    A notebook's folder ``NN-files/`` is copied as it is. Notebooks in ``out_dir`` whose
+    solution is gone are removed (only ``NN-*.ipynb``), and so are files of its ``NN-files/``
+    folders that solutions/ no longer has.
     """
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     changed = []
     files = plan(src_dir, out_dir)
     for path, text in files.items():
         if not path.exists() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
             changed.append(path)
-    for orphan in Path(out_dir).glob("*.ipynb"):
-        if orphan not in files and NOTEBOOK_NAME.match(orphan.name):
-            orphan.unlink()
-            changed.append(orphan)
+    for orphan in _orphans(Path(out_dir), files):
+        orphan.unlink()
+        changed.append(orphan)
     return changed
 
 
