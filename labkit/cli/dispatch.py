@@ -25,7 +25,7 @@ from labkit.errors import LabkitError, UsageError
 # name -> (module, one-line help). Grouped as `labkit --help` shows them.
 COMMANDS: dict[str, tuple[str, str]] = {
     # containers, with docker's names and flags
-    "run": ("labkit.cli.containers", "Run a command in a new container"),
+    "run": ("labkit.cli.run", "Run a command in a new container"),
     "ps": ("labkit.cli.containers", "List containers"),
     "exec": ("labkit.cli.containers", "Run a command in a running container"),
     "logs": ("labkit.cli.containers", "Show a container's output"),
