@@ -127,21 +127,29 @@ def enter_namespaces(ctx: Context) -> None:
     if "cgroup" in spec.namespaces:
         wait_for_cgroup(ctx)  # a new cgroup namespace is rooted at the cgroup we are in now
     syscalls.unshare(flags)
-    if spec.time_offsets:
+    if "time" in spec.namespaces:
         set_clocks(spec)
 
 
 def set_clocks(spec: Spec) -> None:
-    """1. The new time namespace's offsets, while it is still empty.
+    """1. The new time namespace's offsets, then step into it.
 
     unshare(CLONE_NEWTIME) leaves us in the host's time namespace: the new one is only
     /proc/self/ns/time_for_children, and the kernel takes offsets until the first process
-    enters it. That is us, at execve(2) (step 10): we fork no child before it, so from
-    here to then the namespace stays empty, and the command starts with shifted clocks.
+    enters it. Newer kernels (this course's 6.18) move us in at execve(2), older ones
+    (Debian 12's 6.1, which the cgroup v2 guest boots) only our children: so we enter it
+    ourselves, with setns(2) on that file, and the command we become, PID 1, is in it on
+    every kernel.
     """
     from labkit.kernel.namespaces.unshare import set_time_offsets  # only a time namespace needs it
 
-    set_time_offsets({clock: (secs, nanosecs) for clock, secs, nanosecs in spec.time_offsets})
+    if spec.time_offsets:
+        set_time_offsets({clock: (secs, nanosecs) for clock, secs, nanosecs in spec.time_offsets})
+    fd = os.open("/proc/self/ns/time_for_children", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        syscalls.setns(fd, CloneFlags.CLONE_NEWTIME)
+    finally:
+        os.close(fd)
 
 
 def mount_inside(ctx: Context) -> None:
