@@ -5,7 +5,7 @@ Joining one later takes the same steps as nsenter(1), plus the cgroup:
 
     fork ---- child: setns(pid)          (applies to the child's next child only)
                 fork --- grandchild: join the container's cgroup (write 0 to cgroup.procs)
-                                     setns(ipc, uts, net, cgroup, mnt): mnt last, since
+                                     setns(ipc, uts, net, cgroup, time, mnt): mnt last, since
                                        after it every path resolves inside the container
                                      capabilities, uid/gid, cwd, env: as the container's
                                      execve(command)
@@ -28,7 +28,7 @@ from labkit.runtime.status import check
 from labkit.runtime.stdio import Stdio, set_stdio
 
 # setns order: the pid namespace first (it only affects children), the mount one last
-_ORDER = ("pid", "ipc", "uts", "network", "cgroup", "mount")
+_ORDER = ("pid", "ipc", "uts", "network", "cgroup", "time", "mount")
 
 
 def exec_in(

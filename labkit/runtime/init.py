@@ -5,6 +5,7 @@ a new PID namespace, and turns itself into a container one step at a time, in th
 order the notebooks build a container by hand:
 
  1. new namespaces: mount, UTS, IPC, network ... with unshare(2)      (notebooks 02, 03)
+    and a new time namespace's clock offsets (time_namespaces(7))
  2. make every mount private, so nothing we mount leaks to the host   (notebook 04)
  3. the root filesystem: an overlay of the image's layers             (notebook 05)
  4. /proc, /dev, /dev/pts, /dev/shm, /sys read-only, the cgroup
@@ -126,6 +127,29 @@ def enter_namespaces(ctx: Context) -> None:
     if "cgroup" in spec.namespaces:
         wait_for_cgroup(ctx)  # a new cgroup namespace is rooted at the cgroup we are in now
     syscalls.unshare(flags)
+    if "time" in spec.namespaces:
+        set_clocks(spec)
+
+
+def set_clocks(spec: Spec) -> None:
+    """1. The new time namespace's offsets, then step into it.
+
+    unshare(CLONE_NEWTIME) leaves us in the host's time namespace: the new one is only
+    /proc/self/ns/time_for_children, and the kernel takes offsets until the first process
+    enters it. Newer kernels (this course's 6.18) move us in at execve(2), older ones
+    (Debian 12's 6.1, which the cgroup v2 guest boots) only our children: so we enter it
+    ourselves, with setns(2) on that file, and the command we become, PID 1, is in it on
+    every kernel.
+    """
+    from labkit.kernel.namespaces.unshare import set_time_offsets  # only a time namespace needs it
+
+    if spec.time_offsets:
+        set_time_offsets({clock: (secs, nanosecs) for clock, secs, nanosecs in spec.time_offsets})
+    fd = os.open("/proc/self/ns/time_for_children", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        syscalls.setns(fd, CloneFlags.CLONE_NEWTIME)
+    finally:
+        os.close(fd)
 
 
 def mount_inside(ctx: Context) -> None:

@@ -39,6 +39,10 @@ NAMESPACES = {"pid": "pid", "network": "net", "mount": "mnt", "ipc": "ipc", "uts
 # Docker's namespaces (the cgroup namespace stays the host's on cgroup v1, as Docker's does)
 DOCKER_NAMESPACES = ("mount", "network", "uts", "pid", "ipc")
 RUNC_NAMESPACES = ("pid", "network", "ipc", "uts", "mount")
+# linux.timeOffsets: the clocks a time namespace can shift (time_namespaces(7)), and
+# how far: the kernel keeps every clock below KTIME_SEC_MAX / 2 seconds
+TIME_CLOCKS = ("monotonic", "boottime")
+MAX_OFFSET_SECS = (2**63 - 1) // 10**9 // 2
 
 _ANNOTATION_LAYERS = "org.labkit.rootfs.lowerdirs"  # overlay lowers, top first, ':'-joined
 _ANNOTATION_UPPER = "org.labkit.rootfs.upperdir"
@@ -106,6 +110,7 @@ class Spec:
     mounts: tuple[Mount, ...] = field(default_factory=docker_mounts)
     namespaces: tuple[str, ...] = DOCKER_NAMESPACES
     namespace_paths: tuple[tuple[str, str], ...] = ()  # (type, path): join instead of new
+    time_offsets: tuple[tuple[str, int, int], ...] = ()  # (clock, secs, nanosecs), a new time namespace's
     limits: Limits | None = None  # None: no limits
     capabilities: tuple[str, ...] = security.DOCKER_DEFAULT_CAPS
     ambient: tuple[str, ...] = ()
@@ -183,6 +188,7 @@ class Spec:
                 raise InvalidValue("namespace list", ns, "either a new namespace or a path to join, not both")
             if not os.path.exists(path):
                 raise NotFound(f"namespace file {path!r} does not exist")
+        self._validate_time_offsets()
         for m in self.mounts:
             if not m.destination.startswith("/"):
                 raise InvalidValue("mount destination", m.destination, "an absolute path inside the container")
@@ -201,6 +207,25 @@ class Spec:
         if bool(self.layers) != bool(self.upper and self.work):
             raise InvalidValue("overlay rootfs", self.layers, "layers together with an upper and a work dir")
         return self
+
+    def _validate_time_offsets(self) -> None:
+        """linux.timeOffsets: each clock once, whole numbers in the kernel's range, and
+        only for a time namespace made for this container (a joined one has its offsets)."""
+        if not self.time_offsets:
+            return
+        if "time" not in self.namespaces:
+            raise InvalidValue("linux.timeOffsets", _offsets_to_oci(self.time_offsets),
+                               "a new time namespace with them: {'type': 'time'} in linux.namespaces")
+        seen = set()
+        for clock, secs, nanosecs in self.time_offsets:
+            if clock not in TIME_CLOCKS or clock in seen:
+                raise InvalidValue("clock in linux.timeOffsets", clock, "'monotonic' or 'boottime', each at most once")
+            seen.add(clock)
+            if type(secs) is not int or not -MAX_OFFSET_SECS <= secs <= MAX_OFFSET_SECS:
+                raise InvalidValue(f"linux.timeOffsets.{clock}.secs", secs,
+                                   f"a whole number from -{MAX_OFFSET_SECS} to {MAX_OFFSET_SECS}")
+            if type(nanosecs) is not int or not 0 <= nanosecs < 10**9:
+                raise InvalidValue(f"linux.timeOffsets.{clock}.nanosecs", nanosecs, "a whole number from 0 to 999999999")
 
     def rootfs_path(self, bundle: str | os.PathLike | None = None) -> Path:
         root = Path(self.rootfs)
@@ -231,6 +256,8 @@ class Spec:
             "maskedPaths": list(self.masked_paths),
             "readonlyPaths": list(self.readonly_paths),
         }
+        if self.time_offsets:
+            linux["timeOffsets"] = _offsets_to_oci(self.time_offsets)
         if self.seccomp is not None:
             linux["seccomp"] = self.seccomp.to_oci()
         res = limits_to_oci(self.limits)
@@ -285,6 +312,8 @@ class Spec:
                 mounts=tuple(_mount_from_oci(m) for m in doc.get("mounts") or ()),
                 namespaces=tuple(n["type"] for n in linux.get("namespaces") or () if not n.get("path")),
                 namespace_paths=tuple((n["type"], n["path"]) for n in linux.get("namespaces") or () if n.get("path")),
+                time_offsets=tuple((clock, o["secs"], o.get("nanosecs", 0))
+                                   for clock, o in (linux.get("timeOffsets") or {}).items()),
                 limits=limits_from_oci(linux.get("resources") or {}),
                 capabilities=tuple(caps.get("bounding") or ()),
                 ambient=tuple(caps.get("ambient") or ()),
@@ -322,6 +351,10 @@ class Spec:
         except json.JSONDecodeError as err:
             raise InvalidValue(f"JSON in {path}", str(err), "valid JSON")
         return cls.from_oci(doc)
+
+
+def _offsets_to_oci(offsets: tuple[tuple[str, int, int], ...]) -> dict[str, dict[str, int]]:
+    return {clock: {"secs": secs, "nanosecs": nanosecs} for clock, secs, nanosecs in offsets}
 
 
 def _mount_to_oci(m: Mount) -> dict[str, object]:

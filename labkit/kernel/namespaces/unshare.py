@@ -2,6 +2,7 @@
 
 - ``spawn(...)``: start an argv (or a Python callable) in new namespaces; a ``Process``.
 - ``run(...)``: the same, wait for it, and return what it printed (for notebooks).
+- ``set_time_offsets(...)``: shift a new time namespace's clocks (the runtime's init too).
 
 With a new PID namespace the child is born PID 1 there (``syscalls.fork_as_pid1``).
 With a new user namespace the child makes it first and the parent writes its id maps
@@ -9,7 +10,8 @@ With a new user namespace the child makes it first and the parent writes its id 
 and may pivot_root into a new root and mount /proc.
 
 Man pages: unshare(2), unshare(1), pid_namespaces(7), user_namespaces(7), time_namespaces(7).
-Layer: kernel. Used by the notebooks and the tests (the runtime has its own init).
+Layer: kernel. Used by the notebooks and the tests (the runtime has its own init, which
+borrows ``set_time_offsets``).
 """
 
 from __future__ import annotations
@@ -179,11 +181,30 @@ def _write_id_maps(pid: int, uids, gids) -> None:
 
 
 def _set_time_offsets(offsets: dict[str, float]) -> None:
-    # Offsets can be written only before the first process enters the new time namespace.
-    with open("/proc/self/timens_offsets", "w") as f:
-        for clock, secs in offsets.items():
-            whole = int(secs // 1)
-            f.write(f"{clock} {whole} {int((secs - whole) * 1e9)}\n")
+    as_pairs = {}
+    for clock, secs in offsets.items():
+        whole = int(secs // 1)
+        as_pairs[clock] = (whole, int((secs - whole) * 1e9))
+    set_time_offsets(as_pairs)
+
+
+def set_time_offsets(offsets: dict[str, tuple[int, int]]) -> None:
+    """Shift the clocks of the time namespace this process has just unshared(2).
+
+    ``offsets`` maps "monotonic" or "boottime" to (seconds, nanoseconds), as
+    /proc/self/timens_offsets takes them (time_namespaces(7)). The kernel accepts them
+    only after unshare(CLONE_NEWTIME) and before the first process enters the new
+    namespace: the caller's next child, or the caller itself at its next execve(2).
+    """
+    text = "".join(f"{clock} {secs} {nanosecs}\n" for clock, (secs, nanosecs) in offsets.items())
+    try:
+        with open("/proc/self/timens_offsets", "w") as f:
+            f.write(text)
+    except OSError as err:  # EINVAL: a clock would go below 0; EACCES: a process is in already
+        raise syscalls.SyscallError(
+            err.errno or 22, "write", f"/proc/self/timens_offsets, {text.strip()!r}",
+            "no clock may go below zero, and only before a process enters the namespace",
+        ) from None
 
 
 def _set_up_and_run(wr, target, argv, new_kinds, hostname, root, mount_proc, env, cwd, stdio, result_fd):
