@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 
 _SESSION_ROOT = Path(tempfile.mkdtemp(prefix="labkit-test-"))
 os.environ.setdefault("LABKIT_ROOT", str(_SESSION_ROOT))
+_TESTS_ROOT = os.environ["LABKIT_ROOT"]  # the state root the tests share
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -69,3 +71,46 @@ def tmp_dir():
     d = Path(tempfile.mkdtemp(prefix="t-", dir=_SESSION_ROOT))
     yield d
     remove_unless_mounted(d)
+
+
+def _bridges_and_tables() -> set[str]:
+    """Names of the bridges and labkit's per-root nftables tables on the machine now."""
+    from labkit import paths
+
+    found = {f"link {n}" for n in os.listdir("/sys/class/net")
+             if n.startswith(paths.LINK_PREFIX) and os.path.isdir(f"/sys/class/net/{n}/bridge")}
+    r = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=False)
+    found |= {f"table {line.split()[-1]}" for line in r.stdout.splitlines()
+              if line.split()[-1].startswith(f"{paths.NFT_TABLE}-r")}
+    return found
+
+
+def _session_networks() -> set[str]:
+    """The bridges and the table of the session's own state root, which stay until the end."""
+    from labkit import paths
+    from labkit.engine import networks
+
+    saved = os.environ.get("LABKIT_ROOT")
+    os.environ["LABKIT_ROOT"] = _TESTS_ROOT
+    try:
+        return {f"link {n.bridge}" for n in networks.list_networks() if n.is_bridge} | {f"table {paths.nft_table()}"}
+    finally:
+        if saved is None:
+            del os.environ["LABKIT_ROOT"]
+        else:
+            os.environ["LABKIT_ROOT"] = saved
+
+
+@pytest.fixture(autouse=True)
+def _private_roots_take_their_networks():
+    """A test that ran containers in a state root of its own (LABKIT_ROOT set for it) leaves
+    that root's default bridge and nftables table, as Docker leaves docker0 between
+    containers. The root is gone after the test, so its bridge and table go too, here.
+    Only bridges and tables: a veth left behind is a leak, and the leftover test finds it."""
+    before = _bridges_and_tables()
+    yield
+    new = _bridges_and_tables() - before - _session_networks()
+    for item in sorted(new):
+        kind, name = item.split(" ", 1)
+        cmd = ["ip", "link", "delete", name] if kind == "link" else ["nft", "delete", "table", "ip", name]
+        subprocess.run(cmd, capture_output=True, check=False)

@@ -464,3 +464,19 @@ def test_a_group_below_an_empty_cpuset_parent_still_takes_a_process(make):
         for d in (level / "leaf", level):
             with contextlib.suppress(FileNotFoundError, OSError):
                 d.rmdir()
+
+
+def test_kill_of_a_frozen_group_thaws_it_first(make):
+    """A frozen process acts on no signal until it is thawed (v1's freezer): kill() must
+    thaw first, as `docker rm -f` does with a paused container, not wait out its timeout."""
+    need("freezer") if VERSION == 1 else None
+    cg = make(f"frozen-kill-{os.getpid()}")
+    child = spawn(cg, "import time; time.sleep(60)")
+    try:
+        cg.freeze()
+        assert cg.is_frozen
+        started = time.monotonic()
+        cg.kill(timeout=3.0)
+        assert child.wait(timeout=5) == -9 and time.monotonic() - started < 3.0
+    finally:
+        finish(child)

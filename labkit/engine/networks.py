@@ -203,6 +203,28 @@ def ensure(n: Network) -> None:
         raise
 
 
+def discard() -> list[str]:
+    """Remove this state root's networks from the kernel: the bridge of each network and,
+    under LABKIT_ROOT, the root's own nftables table; the names removed.
+
+    The default network's bridge stays between containers, as docker0 does. A state root
+    that is thrown away (a test's, a notebook's own store) must take its bridges and its
+    table with it: this is how. ``labkit cleanup`` does the same for every root."""
+    from labkit.kernel import network as net
+
+    removed = []
+    for n in list_networks():
+        if n.is_bridge and os.path.exists(f"/sys/class/net/{n.bridge}"):
+            teardown(n)
+            removed.append(n.bridge)
+    if paths._env_root() is not None:  # the default root's table is labkit cleanup's
+        table = net.Table(paths.nft_table())
+        if table.exists():
+            table.remove()
+            removed.append(table.name)
+    return removed
+
+
 def teardown(n: Network) -> None:
     """Undo ``ensure``: the bridge and its rules (the table stays for other networks)."""
     from labkit.kernel import network as net

@@ -15,6 +15,7 @@ Layer: kernel. Used by v1.py and v2.py; the runtime holds Cgroup objects.
 from __future__ import annotations
 
 import abc
+import contextlib
 import errno
 import os
 import re
@@ -25,7 +26,7 @@ from pathlib import Path
 from signal import SIGKILL, SIGTERM
 
 from labkit import paths, poll
-from labkit.errors import CgroupError, InvalidValue, StateError
+from labkit.errors import CgroupError, InvalidValue, LabkitError, StateError
 
 from .detect import check_supported
 from .limits import Limits
@@ -250,6 +251,12 @@ class Cgroup(abc.ABC):
         if sig != SIGKILL:
             self.signal(sig)
             return
+        # A frozen process acts on no signal, SIGKILL included, until it is thawed (v1's
+        # freezer; v2 lets fatal signals through): thaw first, as `docker rm -f` of a
+        # paused container does, or the loop below waits out its timeout.
+        with contextlib.suppress(LabkitError, OSError):
+            if self.is_frozen:
+                self.thaw(timeout)
         self._kill_all()
         if not poll.until(lambda: not (self.signal(SIGKILL) or self.procs(recursive=True)), timeout,
                           first=self.POLL_S):  # fmt: skip
