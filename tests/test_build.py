@@ -2,7 +2,7 @@
 
 Builds run for real: RUN steps are labkit containers on the real kernel, layers land in
 a store of this test's own (LABKIT_ROOT under the session's temp root). The lecture's
-own Dockerfile (tests/fixtures/lecture) is built from its stand-in files.
+own Dockerfile (solutions/10-files/lecture, notebook 10's copy) is built from its stand-in files.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pytest
 from labkit.engine import dockerfile, images
 
 REPO = Path(__file__).resolve().parent.parent
-LECTURE = REPO / "tests" / "fixtures" / "lecture"
+LECTURE = REPO / "solutions" / "10-files" / "lecture"  # the one copy: notebook 10 builds it too
 
 
 @pytest.fixture
