@@ -248,15 +248,9 @@ def store_config(ref: str, data: bytes) -> Image:
     """Store the image config ``data`` byte for byte (its sha256 is the image ID, so a
     pulled or loaded image keeps the ID it had elsewhere) and point ``ref`` at it.
     Every layer it lists must be imported already."""
-    import hashlib
-
     name, tag = parse_ref(ref)
-    for diff_id in json.loads(data)["rootfs"]["diff_ids"]:
-        if not (_layer_dir(diff_id) / "layer.json").exists():
-            raise NotFound(f"no layer {diff_id} in {_store() / 'layers'}")
-    image_id = "sha256:" + hashlib.sha256(data).hexdigest()
+    image_id = store_untagged(data)
     with _locked():
-        _write_atomic(_store() / "configs" / f"{image_id.removeprefix('sha256:')}.json", data)
         repos = _repositories()
         repos[_key(name, tag)] = image_id
         _write_atomic(_store() / "repositories.json", json.dumps(repos, indent=2, sort_keys=True).encode())
