@@ -232,6 +232,23 @@ def test_veth_across_host_and_namespace(tid, canary):
         assert f"lk{tid}h" not in os.listdir("/sys/class/net")
 
 
+def test_a_link_that_goes_between_lookup_and_delete_is_not_found(tid, monkeypatch):
+    """Two owners may remove one veth pair at once (a container's shim, and `labkit cleanup`
+    releasing its lease): the one that comes second is told NotFound, which it ignores."""
+    import importlib
+
+    links = importlib.import_module("labkit.kernel.network.links")  # the module, not net.links()
+    net.veth(f"lk{tid}a", f"lk{tid}b")
+    stale = net.link(f"lk{tid}a").index
+    net.delete(f"lk{tid}b")  # the other owner wins the race
+    monkeypatch.setattr(links, "_index", lambda ip, name, netns: stale)  # our lookup came first
+    with pytest.raises(NotFound, match=f"lk{tid}a"):
+        net.delete(f"lk{tid}a")
+    monkeypatch.undo()
+    with pytest.raises(NotFound):
+        net.delete(f"lk{tid}a")
+
+
 def tcp_get_host(ip: str, port: int) -> str:
     with socket.create_connection((ip, port), timeout=TIMEOUT) as c:
         return c.recv(200).decode()

@@ -37,6 +37,7 @@ notebook 08 and the tests.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import re
@@ -250,9 +251,16 @@ def move(name: str, to: Netns, netns: Netns = None) -> None:
 
 
 def delete(name: str, netns: Netns = None) -> None:
-    """``ip link del NAME``; deleting one end of a veth pair deletes both."""
-    with ipr(netns, f"link del {name}") as ip:
-        ip.link("del", index=_index(ip, name, netns))
+    """``ip link del NAME``; deleting one end of a veth pair deletes both. A link that is
+    gone, even one that went between the lookup and the delete (its peer's owner removed
+    the pair first), raises NotFound."""
+    try:
+        with ipr(netns, f"link del {name}") as ip:
+            ip.link("del", index=_index(ip, name, netns))
+    except NetlinkError as e:
+        if e.errno != errno.ENODEV:
+            raise
+        raise NotFound(f"no link {name!r}{_where(netns)}") from None
 
 
 # -- ip addr, ip route -----------------------------------------------------------------------
