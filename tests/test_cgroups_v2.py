@@ -1,4 +1,5 @@
-"""labkit's cgroup code on cgroup v2, on a host that has v1: inside labkit's small VM.
+"""labkit's cgroup code on cgroup v2, on a host that has v1: inside labkit's small VM
+(and with it the runtime, the CLI and the networks, whose set-up touches the cgroup).
 
 The guest boots the host's kernel with cgroup_no_v1=all, mounts only cgroup2 at
 /sys/fs/cgroup with every controller enabled, and sees the host's / read-only over 9p (a
@@ -77,6 +78,16 @@ RUNTIME = ("tests/test_runtime.py tests/test_cli.py -k "
 
 def test_runtime_tests_pass_in_a_cgroup_v2_guest(capsys):
     _run_in_v2_guest(RUNTIME, "", capsys)
+
+
+# Networks on the v2 guest's own kernel (Debian 12's 6.1, with veth, bridge and nf_tables
+# loaded from the initramfs): the kernel layer by hand, and the engine's networks, where a
+# container's cgroup and its network namespace are set up together.
+NETWORK = "tests/test_network.py tests/test_networks.py"
+
+
+def test_network_tests_pass_in_a_cgroup_v2_guest(capsys):
+    _run_in_v2_guest(NETWORK, "", capsys)
 
 
 def _run_in_v2_guest(tests: str, write: str, capsys) -> None:

@@ -253,13 +253,24 @@ def test_containers_on_a_user_network_reach_each_other_by_name():
 
 
 def test_network_create_refuses_overlaps_and_nosuch():
-    r = labkit("network", "create", "--subnet", "192.0.2.0/25", "ovl")  # the host's eth0 route here
-    routes = [x.dst for x in net.routes() if x.dst != "default"]
-    assert r.returncode != 0 and r.stderr.count("\n") == 1 and "overlaps" in r.stderr, (r.stderr, routes)
+    # a route of the host's own, made here, so the test does not depend on the machine's
+    link = f"lk{secrets.token_hex(2)}r"
+    net.veth(link, link + "p")
+    try:
+        net.add_address(link, "10.252.77.1/24")
+        net.set_up(link + "p")
+        net.set_up(link)
+        routes = [x.dst for x in net.routes() if x.dst != "default"]
+        assert "10.252.77.0/24" in routes, routes
+        r = labkit("network", "create", "--subnet", "10.252.77.0/25", "ovl")
+        assert r.returncode != 0 and r.stderr.count("\n") == 1 and "overlaps" in r.stderr, (r.stderr, routes)
+        assert "10.252.77.0/24" in r.stderr and link in r.stderr, r.stderr  # it names what is in the way
+    finally:
+        net.delete(link)
     name = f"nt{secrets.token_hex(2)}"
     assert labkit("network", "create", "--subnet", "10.252.9.0/24", name).returncode == 0
     r = labkit("network", "create", "--subnet", "10.252.9.128/25", "ovl2")
-    assert r.returncode != 0 and "10.252.9.0/24 is taken" in r.stderr
+    assert r.returncode != 0 and f"10.252.9.0/24 is taken: network {name})" in r.stderr, r.stderr
     assert "ovl" not in _user_networks() and "ovl2" not in _user_networks()
     r = labkit("run", "--network", "nosuch", "busybox", "true")
     assert r.returncode != 0 and r.stderr == "labkit: no such network: nosuch (labkit network ls lists them)\n"

@@ -121,18 +121,19 @@ def list_networks() -> list[Network]:
     return sorted(found.values(), key=lambda n: (n.user_defined, n.name))
 
 
-def _taken(name: str) -> list[ipaddress.IPv4Network]:
-    """Subnets a new network must not overlap: the host's routes (other than through
-    this network's own bridge) and every other network's subnet."""
+def _taken(name: str) -> dict[ipaddress.IPv4Network, str]:
+    """Subnets a new network must not overlap, each with what holds it: the host's routes
+    (other than through this network's own bridge) and every other network's subnet."""
     from labkit.kernel import network as net
 
     own = paths.bridge_name(name)
-    taken = [ipaddress.IPv4Network(r.dst) for r in net.routes() if r.dst != "default" and r.dev != own]
+    taken = {ipaddress.IPv4Network(r.dst): f"a route on {r.dev}" for r in net.routes()
+             if r.dst != "default" and r.dev != own}  # fmt: skip
     d = paths.networks_dir()
     for f in sorted(d.glob("*.json")) if d.is_dir() else ():
         if f.stem != name:
             try:
-                taken.append(ipaddress.IPv4Network(json.loads(f.read_text())["subnet"]))
+                taken.setdefault(ipaddress.IPv4Network(json.loads(f.read_text())["subnet"]), f"network {f.stem}")
             except (ValueError, KeyError):
                 continue
     return taken
@@ -155,7 +156,8 @@ def create(name: str, subnet: str | None = None) -> Network:
                 raise InvalidValue("subnet", subnet, "a network of /30 or wider, e.g. 10.10.0.0/24")
             clash = ipam.overlaps(chosen, taken)
             if clash is not None:
-                raise InvalidValue("subnet", subnet, f"a subnet that overlaps no route or network ({clash} is taken)")
+                raise InvalidValue("subnet", subnet,
+                                   f"a subnet that overlaps no route or network ({clash} is taken: {taken[clash]})")
         n = _save(Network(name, "bridge", str(chosen), str(ipam.gateway(chosen)), paths.bridge_name(name),
                           time.time()))
         try:

@@ -72,6 +72,7 @@ $BB mkdir -p /dev/pts /dev/shm
 $BB mount -t devpts devpts /dev/pts
 $BB mount -t tmpfs -o mode=1777 shm /dev/shm
 $BB hostname labkit-vm
+$BB ip link set lo up  # 127.0.0.1, as every machine has it (the guest has no other link)
 
 if [ "$labkit_cgroup" = v2 ]; then
     # one unified hierarchy; cgroup_no_v1=all on the command line keeps every

@@ -39,8 +39,11 @@ FORMAT = 1  # bump when the archive's layout changes, so old caches are not reus
 # virtio-serial port that carries commands to the guest.
 REQUIRED_MODULES = ["virtio_pci", "virtio_console"]
 # Drivers for optional features: the host's root over 9p, overlayfs for the writable
-# root and for containers, loop devices for the io tests, and the rng (entropy at boot).
-OPTIONAL_MODULES = ["9p", "9pnet_virtio", "overlay", "loop", "virtio_rng"]
+# root and for containers, loop devices for the io tests, and the rng (entropy at boot);
+# then containers' networks: veth pairs, the bridge, and nftables with what labkit's table
+# uses (nat chains, masquerade, dnat, fib daddr type local). modules.dep adds conntrack.
+OPTIONAL_MODULES = ["9p", "9pnet_virtio", "overlay", "loop", "virtio_rng",
+                    "veth", "bridge", "nf_tables", "nft_chain_nat", "nft_nat", "nft_masq", "nft_fib_ipv4"]
 
 BUSYBOX_CANDIDATES = ["/bin/busybox", "/usr/bin/busybox", "/usr/lib/initramfs-tools/bin/busybox"]
 
@@ -123,7 +126,7 @@ def build(kernel: Kernel, busybox: Path) -> bytes:
 
 def _inputs_hash(kernel: Kernel, busybox: Path) -> str:
     """A hash of what goes in: scripts, busybox, the modules folder (cheap: sizes and times)."""
-    h = hashlib.sha256(f"{FORMAT}\n{guest.INIT}\n{guest.AGENT}\n".encode())
+    h = hashlib.sha256(f"{FORMAT}\n{guest.INIT}\n{guest.AGENT}\n{REQUIRED_MODULES}{OPTIONAL_MODULES}\n".encode())
     for path in [busybox, kernel.modules / "modules.dep" if kernel.modules else None]:
         if path is not None:
             st = path.stat()
