@@ -85,6 +85,29 @@ def test_the_working_directory_is_the_callers(labkitd, tmp_dir):
     assert (r.returncode, r.stdout) == (0, "from the bundle here\n"), r.stderr
 
 
+def test_images_are_built_and_saved_by_labkitd(labkitd, tmp_dir):
+    """As dockerd does: the worker reads the context, and writes save's -o file, where
+    the caller is; the answers are the in-process ones."""
+    (tmp_dir / "Dockerfile").write_text("FROM busybox\nCOPY hello.txt /\nCMD [\"cat\", \"/hello.txt\"]\n")
+    (tmp_dir / "hello.txt").write_text("built by labkitd\n")
+    before = served_by_labkitd()
+    steps = [("build", "-t", "daemon-built:v1", "."), ("tag", "daemon-built:v1", "daemon-built:v2"),
+             ("history", "-q", "daemon-built:v2"), ("save", "-o", "out.tar", "daemon-built:v2")]
+    try:
+        for n, args in enumerate(steps, 1):
+            r = labkit(*args, cwd=tmp_dir)
+            assert r.returncode == 0 and served_by_labkitd() == before + n, (args, r.stderr)
+        assert (tmp_dir / "out.tar").stat().st_size > 0
+        r = labkit("run", "--rm", "--network", "none", "daemon-built:v2")
+        assert (r.returncode, r.stdout) == (0, "built by labkitd\n"), r.stderr
+        served = labkit("image", "inspect", "daemon-built:v1")  # history's CREATED column moves on
+        local = labkit("image", "inspect", "daemon-built:v1", env={**os.environ, "LABKIT_NO_DAEMON": "1"})
+        assert (served.returncode, served.stdout) == (local.returncode, local.stdout)
+    finally:
+        labkit("rmi", "daemon-built:v1", "daemon-built:v2")
+    assert "daemon-built" not in labkit("images").stdout
+
+
 def test_detached_shims_are_labkitds_children(labkitd):
     r = labkit("run", "-d", "--name", "sub", "busybox", "sleep", "30")
     assert r.returncode == 0, r.stderr

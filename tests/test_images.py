@@ -172,7 +172,7 @@ def test_human_size_and_age():
     assert images.human_size(125_400_000) == "125MB"
     assert images.human_size(3_000_000_000) == "3GB"
     assert images.human_age(0.2) == "Less than a second"
-    assert images.human_age(42) == "42 seconds"
+    assert images.human_age(1.2) == "1 second" and images.human_age(42) == "42 seconds"
     assert images.human_age(90) == "About a minute"
     assert images.human_age(180) == "3 minutes"
     assert images.human_age(5 * 3600) == "5 hours"

@@ -21,12 +21,10 @@ import sys
 import time
 
 from labkit.cli import runflags
+from labkit.engine.images import human_age
 from labkit.errors import InvalidValue, LabkitError, NotFound
 from labkit.kernel import proc
 from labkit.runtime.status import ACTIVE, Status, check
-
-
-
 
 
 def _seconds(text: str) -> float:
@@ -104,9 +102,6 @@ def _each(refs: list[str], action) -> int:
     return code
 
 
-
-
-
 def network_hooks() -> None:
     """Have every delete in this process (and its shims) release the container's network."""
     from labkit.runtime import container
@@ -122,12 +117,6 @@ def _release_network(container_id: str) -> None:
         from labkit.engine import endpoints
 
         endpoints.release(container_id)
-
-
-
-
-
-
 
 
 # -- the other verbs ----------------------------------------------------------------------
@@ -146,7 +135,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
     for s in reversed(states):  # newest first, as docker ps
         command = " ".join(s.command)
         command = json.dumps(command if len(command) <= 20 else command[:19] + "…", ensure_ascii=False)
-        rows.append((s.id[:12], s.image or "-", command, _ago(now - s.created) + " ago", _status(s, now),
+        rows.append((s.id[:12], s.image or "-", command, human_age(now - s.created) + " ago", _status(s, now),
                      _ports(s.id), s.name))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -168,23 +157,14 @@ def _ports(container_id: str) -> str:
 
 def _status(s, now: float) -> str:
     if s.status is Status.RUNNING:
-        return f"Up {_ago(now - s.started)}"
+        return f"Up {human_age(now - s.started)}"
     if s.status is Status.PAUSED:
-        return f"Up {_ago(now - s.started)} (Paused)"
+        return f"Up {human_age(now - s.started)} (Paused)"
     if s.status is Status.STOPPED:
         code = "?" if s.exit_code is None else s.exit_code
-        when = f" {_ago(now - s.finished)} ago" if s.finished else ""
+        when = f" {human_age(now - s.finished)} ago" if s.finished else ""
         return f"Exited ({code}){when}" + (" (OOM killed)" if s.oom_killed else "")
     return s.status.value.capitalize()
-
-
-def _ago(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if seconds >= size:
-            n = seconds // size
-            return f"{n} {unit}{'s' if n > 1 else ''}"
-    return "Less than a second" if seconds < 1 else f"{seconds} second{'s' if seconds > 1 else ''}"
 
 
 def cmd_exec(args: argparse.Namespace) -> int:

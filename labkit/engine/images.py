@@ -427,13 +427,18 @@ def human_size(n: int) -> str:
 
 
 def human_age(seconds: float) -> str:
-    """'Less than a second', '42 seconds', 'About a minute', '3 minutes', ... 'N years'."""
+    """How long ago, as Docker says it (``docker ps``, ``docker images``): 'Less than a
+    second', '1 second', '42 seconds', 'About a minute', '3 minutes', ... 'N years'.
+
+    >>> human_age(1.5), human_age(90), human_age(3 * 86400)
+    ('1 second', 'About a minute', '3 days')
+    """
     s = max(0.0, seconds)
     minutes, hours, days = s / 60, s / 3600, s / 86400
     if s < 1:
         return "Less than a second"
     if s < 60:
-        return f"{int(s)} seconds"
+        return "1 second" if int(s) == 1 else f"{int(s)} seconds"
     if minutes < 2:
         return "About a minute"
     if minutes < 60:
