@@ -15,8 +15,9 @@ Layer: lab. Used by the notebooks and bench/.
 from __future__ import annotations
 
 import functools
-import statistics
 import os
+import statistics
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -127,14 +128,18 @@ def figure(
     plt = _pyplot()
     fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
     fig.suptitle(title, fontsize=13, fontweight="bold")
-    fig.text(0.01, 0.01, f"{what} | {machine()}", fontsize=7.5, color="#555555", ha="left", va="bottom")
+    # the footer wrapped to the figure's width (~18 characters an inch at 7.5 pt)
+    lines = textwrap.wrap(f"{what} | {machine()}", width=int(size[0] * 18))
+    fig.text(0.01, 0.01, "\n".join(lines), fontsize=7.5, color="#555555", ha="left", va="bottom")
+    fig.footer_height = (0.02 + 0.14 * len(lines)) / size[1]  # of the figure's height: 7.5 pt lines
     axes = axes[0][0] if nrows == ncols == 1 and not grid else axes
     return fig, axes
 
 
 def done(fig: Figure, path: str | os.PathLike | None = None) -> Figure:
-    """Lay the figure out, save it if asked, and close it for pyplot (no double draw)."""
-    fig.tight_layout(rect=(0, 0.04, 1, 0.95))
+    """Lay the figure out above its footer, save it if asked, and close it for pyplot
+    (no double draw)."""
+    fig.tight_layout(rect=(0, getattr(fig, "footer_height", 0.04), 1, 0.95))
     if path is not None:
         fig.savefig(path, dpi=110)
     _pyplot().close(fig)
@@ -443,15 +448,16 @@ def bar_panels(
 
 def spread_panels(
     panels: Mapping[str, Mapping[str, Sequence[float]]], *, title: str, what: str, log: bool = False,
-    xlabel: str = "", path: str | os.PathLike | None = None,
+    xlabel: str = "", width: float = 4.6, path: str | os.PathLike | None = None,
 ) -> Figure:
-    """One panel per measure: ``panels`` maps a y label with its unit to {label: [values]}.
+    """One panel per measure: ``panels`` maps a y label with its unit to {label: [values]};
+    ``width`` is each panel's, in inches.
 
     Every value is drawn as a point (spread sideways a little so none hides another), the
     median as a short bar across them, labelled with its value and n. No bars: a bar's
     length means nothing on a log axis, and one number hides the spread."""
-    colours = [OWN, ACCENT, "#6a9f58", "#8c6bb1", SHARED]
-    fig, axes = figure(title, what, ncols=len(panels), size=(4.6 * len(panels), 4.6), grid=True)
+    colours = [OWN, ACCENT, "#6a9f58", "#8c6bb1", "#555555"]  # points: the pale SHARED would not show
+    fig, axes = figure(title, what, ncols=len(panels), size=(width * len(panels), 4.6), grid=True)
     for ax, (ylabel, groups) in zip(axes[0], panels.items()):
         everything = []
         for i, values in enumerate(groups.values()):

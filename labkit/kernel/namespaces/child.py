@@ -150,8 +150,6 @@ class Completed:
     value: object = None
 
 
-
-
 # -- in the parent: wait for the child's start, or its output ------------------------------
 
 
@@ -211,7 +209,6 @@ def collect(start: Callable[[int, int, int, int], Process], timeout: float | Non
             err.read().decode(errors="replace"),
             pickle.loads(raw) if raw else None,
         )
-
 
 
 # -- in the child: the last steps --------------------------------------------------------
