@@ -134,7 +134,7 @@ def _BytesIO(data: bytes):  # noqa: N802 (a stand-in for the class)
 def open_tar(path: Path, media_type: str, where: str) -> BinaryIO:
     """The blob at ``path`` as an uncompressed tar stream: gzip is recognised by its
     magic bytes (some archives call a gzip layer a plain tar), zstd is refused."""
-    f = open(path, "rb")
+    f = open(path, "rb", buffering=CHUNK)  # a few large reads, not thousands of 8 KiB ones
     magic = f.read(4)
     f.seek(0)
     if magic[:2] == b"\x1f\x8b":

@@ -11,10 +11,11 @@ The steps are the ones ``docker pull`` takes (distribution-spec ``spec.md``; mob
    blob, lists each layer's DiffID (the sha256 of its *uncompressed* tar).
 3. Layers download in parallel (three at a time, like dockerd's
    ``max-concurrent-downloads``), each into the staging directory, hashed as it
-   arrives. A connection cut half-way is resumed with ``Range: bytes=N-`` (or started
-   again if the registry ignores Range), at most ``RETRIES`` times. A layer whose
-   sha256 is not its digest is refused and deleted, as is one whose tar is not the
-   DiffID the config promised.
+   arrives, and unpacked as soon as it is in (unpacking frees its download slot for
+   the next layer). A connection cut half-way is resumed with ``Range: bytes=N-`` (or
+   started again if the registry ignores Range), at most ``RETRIES`` times. A layer
+   whose sha256 is not its digest is refused and deleted, as is one whose tar is not
+   the DiffID the config promised.
 4. Only when every layer is in: the blobs move into the store and the tag is set.
    A failure anywhere before leaves the store as it was (see ``content.Staging``).
 
@@ -172,8 +173,11 @@ def _diff_ids(config: bytes, n: int, where: str) -> list[str]:
 
 def _layers(client: Client, repo: str, pull_scope: str, stage: content.Staging,
             descs: list[dict], diff_ids: list[str], say: Progress) -> int:  # fmt: skip
-    """Fetch and unpack every layer, PARALLEL at a time; the bytes downloaded."""
+    """Fetch every layer, PARALLEL at a time, and unpack each as soon as it is in; the
+    bytes downloaded. A layer being unpacked holds no download slot, so the next
+    layer's download starts meanwhile."""
     cancel = threading.Event()
+    downloads = threading.BoundedSemaphore(PARALLEL)
 
     def one(desc: dict, diff_id: str) -> int:
         short = desc["digest"].removeprefix("sha256:")[:12]
@@ -181,7 +185,8 @@ def _layers(client: Client, repo: str, pull_scope: str, stage: content.Staging,
             say(LayerProgress(short, "Already exists"))
             return 0
         try:
-            path = _download(client, repo, pull_scope, stage, desc, say, cancel)
+            with downloads:
+                path = _download(client, repo, pull_scope, stage, desc, say, cancel)
             say(LayerProgress(short, "Extracting", 0, desc["size"]))
             stage.import_layer(path, desc.get("mediaType", content.LAYER_TAR), diff_id, where=f"layer {short}")
         except BaseException:
@@ -192,7 +197,7 @@ def _layers(client: Client, repo: str, pull_scope: str, stage: content.Staging,
 
     for desc in descs:
         say(LayerProgress(desc["digest"].removeprefix("sha256:")[:12], "Waiting"))
-    with ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="labkit-pull") as pool:
+    with ThreadPoolExecutor(max_workers=2 * PARALLEL, thread_name_prefix="labkit-pull") as pool:
         futures = [pool.submit(one, d, i) for d, i in zip(descs, diff_ids)]
     errors = [f.exception() for f in futures if f.exception() is not None]
     real = [e for e in errors if not isinstance(e, _Cancelled)]
