@@ -23,5 +23,6 @@ notebooks:        ## regenerate notebooks/ from solutions/
 notebooks-v2:     ## run the cgroup notebooks under nbval in labkit's cgroup v2 VM
 	$(PY) scripts/notebooks_in_vm.py
 
-bench:            ## speed against real peers (runc, a native run)
-	for b in bench/*.py; do $(PY) $$b || exit 1; done
+bench:            ## speed against real peers (runc, crun, podman, skopeo, dockerd)
+	failed=; for b in bench/*.py; do echo "== $$b"; $(PY) $$b || failed="$$failed $$b"; done; \
+	if [ -n "$$failed" ]; then echo "failed:$$failed"; exit 1; fi
