@@ -45,6 +45,11 @@ def run_root() -> Path:
     return root / "run" if root else Path("/run/labkit")
 
 
+def api_socket() -> Path:
+    """labkitd's Docker Engine API socket: /run/labkit/docker.sock (DOCKER_HOST=unix://...)."""
+    return run_root() / "docker.sock"
+
+
 def daemon_socket() -> Path:
     """labkitd's Unix socket (labkit/engine/protocol.py spells the same rule without pathlib, for the client)."""
     return run_root() / "labkitd.sock"

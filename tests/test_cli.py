@@ -274,7 +274,9 @@ def test_runtime_run_interrupted_leaves_no_container(tmp_dir):
 def test_rm_force_of_an_rm_container_races_with_its_own_removal():
     # the shim removes a --rm container once it exits; `rm -f` removes it too, at the same time
     for _ in range(8):
-        cid = labkit("run", "-d", "--rm", "busybox", "sleep", "30").stdout.strip()
+        r = labkit("run", "-d", "--rm", "busybox", "sleep", "30")
+        cid = r.stdout.strip()
+        assert r.returncode == 0 and cid, r.stderr
         r = labkit("rm", "-f", cid)
         assert (r.returncode, r.stderr) == (0, ""), r.stderr
         assert r.stdout.strip() == cid

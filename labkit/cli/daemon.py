@@ -7,7 +7,8 @@
 
 labkitd runs the CLI's own dispatcher in its workers: ``start()`` and ``run`` hand
 ``dispatch.run_command`` (and ``warm_up``, which builds every parser once) to the
-engine's daemon, which knows nothing of the CLI.
+engine's daemon, which knows nothing of the CLI. They hand it the Docker Engine API's
+routes too (labkit/cli/api), served on ``docker.sock`` beside labkitd's own socket.
 
 Layer: the CLI. Calls labkit.engine.daemon.
 """
@@ -18,7 +19,7 @@ import argparse
 import contextlib
 import io
 
-from labkit.cli import client, dispatch
+from labkit.cli import api, client, dispatch
 from labkit.engine import daemon
 from labkit.errors import UsageError, require_root
 
@@ -36,11 +37,12 @@ def warm_up() -> None:
         parser.format_help()
         with contextlib.redirect_stderr(io.StringIO()), contextlib.suppress(SystemExit, UsageError):
             parser.parse_args([])  # a usage error, mostly: loads gettext, compiles argparse's patterns
+    api.router()  # the Engine API's routes, and the modules they use
 
 
 def start() -> int:
     """Start labkitd in the background with the CLI's dispatcher; its pid."""
-    return daemon.start(dispatch.run_command, warm_up)
+    return daemon.start(dispatch.run_command, warm_up, api=api.serve)
 
 
 def run(command: str, args: argparse.Namespace) -> int:
@@ -50,14 +52,15 @@ def run(command: str, args: argparse.Namespace) -> int:
         if pid is None:
             print("labkitd: not running (commands run in the labkit process; start it: labkit daemon start)")
             return 3  # what `systemctl status` says for a stopped unit
-        print(f"labkitd: running, pid {pid}, socket {daemon.socket_path()}")
+        print(f"labkitd: running, pid {pid}, socket {daemon.socket_path()}, Engine API {daemon.api_socket_path()}")
         return 0
     if args.verb == "start":
         was = daemon.running_pid()
         pid = start()
-        print(f"labkitd: {'already running' if was else 'started'}, pid {pid}, socket {daemon.socket_path()}")
+        print(f"labkitd: {'already running' if was else 'started'}, pid {pid}, socket {daemon.socket_path()}, "
+              f"Engine API unix://{daemon.api_socket_path()}")
     elif args.verb == "stop":
         print(f"labkitd: stopped (pid {daemon.stop()})")
     else:
-        daemon.serve(dispatch.run_command, warm_up)
+        daemon.serve(dispatch.run_command, warm_up, api=api.serve)
     return 0

@@ -16,6 +16,7 @@ Layer: the CLI (the docker client). Calls labkit.runtime and labkit.engine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -95,6 +96,29 @@ def _new_name(taken: set[str]) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from labkit.runtime import container
 
+    container_id, spec, common = _prepare(args)
+    with _released_on_failure(container_id):
+        if args.detach:
+            _create_detached(container_id, spec, args, common)
+            container.start(container_id)
+            print(container_id)
+            return 0
+        return _run_foreground(container_id, spec, args, common)
+
+
+def create(args: argparse.Namespace) -> str:
+    """``docker create``: everything ``run -d`` does but the start; the new id. The
+    Engine API's POST /containers/create comes here (labkit/cli/api)."""
+    container_id, spec, common = _prepare(args)
+    with _released_on_failure(container_id):
+        _create_detached(container_id, spec, args, common)
+    return container_id
+
+
+def _prepare(args: argparse.Namespace):
+    """Check the name, build the spec from the image and flags, connect the network."""
+    from labkit.runtime import container
+
     taken = {s.name for s in container.list_states()}
     if args.name is not None:
         if not _NAME.fullmatch(args.name):
@@ -106,9 +130,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     wanted = runflags.published(args, image)
     name = args.name or _new_name(taken)
     common = {"name": name, "image": image.ref, "auto_remove": args.rm}
-    spec = _connect(container_id, name, spec, args.network, wanted)
+    return container_id, _connect(container_id, name, spec, args.network, wanted), common
+
+
+@contextlib.contextmanager
+def _released_on_failure(container_id: str):
     try:
-        return _create_and_start(container_id, spec, args, common)
+        yield
     except BaseException:
         from labkit.engine import endpoints
         from labkit.runtime.state import container_dir
@@ -138,25 +166,21 @@ def _connect(container_id: str, name: str, spec, mode: str, wanted: list):
         raise
 
 
-def _create_and_start(container_id: str, spec, args, common) -> int:
+def _create_detached(container_id: str, spec, args, common) -> None:
     from labkit.runtime import container
 
-    if args.detach:
-        master = slave = None
-        if args.tty:
-            from labkit.runtime import tty
+    if args.tty:
+        from labkit.runtime import tty
 
-            master, slave, path = tty.open_pty()
-            stdio = container.Stdio(slave, slave, slave)
+        master, slave, path = tty.open_pty()
+        stdio = container.Stdio(slave, slave, slave)
+        try:
             container.create(container_id, spec, stdio=stdio, detach=True, console=path, pty_master=master, **common)
+        finally:
             os.close(slave)
             os.close(master)
-        else:
-            container.create(container_id, spec, detach=True, **common)
-        container.start(container_id)
-        print(container_id)
-        return 0
-    return _run_foreground(container_id, spec, args, common)
+    else:
+        container.create(container_id, spec, detach=True, **common)
 
 
 def _run_foreground(container_id: str, spec, args, common) -> int:

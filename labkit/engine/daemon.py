@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import grp
 import importlib
 import os
 import select
@@ -85,7 +86,8 @@ def log_path() -> Path:
 # -- the daemon ---------------------------------------------------------------------------
 
 
-def serve(dispatch: Dispatch, warm_up: Callable[[], None] | None = None, ready_fd: int = -1) -> None:
+def serve(dispatch: Dispatch, warm_up: Callable[[], None] | None = None, ready_fd: int = -1,
+          api: Api | None = None) -> None:
     """Run labkitd in this process until SIGTERM or SIGINT (``labkit daemon run``).
 
     ``dispatch(argv)`` runs one command in a worker and returns its exit code;
@@ -119,6 +121,7 @@ def serve(dispatch: Dispatch, warm_up: Callable[[], None] | None = None, ready_f
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGCHLD, reap)
     gc.freeze()  # the preloaded objects never change: keep the GC off their pages in the workers
+    api_listener = _listen(api_socket_path(), group=API_GROUP) if api is not None else None
     if ready_fd >= 0:
         os.write(ready_fd, b"r")
         os.close(ready_fd)
@@ -127,9 +130,11 @@ def serve(dispatch: Dispatch, warm_up: Callable[[], None] | None = None, ready_f
         while not state["stopping"]:
             if not state["spare"]:
                 state["spare"] = _fork_spare(listener, took_w, dispatch)
-            if select.select([took_r], [], [], STALE_CHECK_INTERVAL)[0]:
-                if b"t" in os.read(took_r, 64):
-                    state["spare"] = 0
+            ready = select.select([took_r] + ([api_listener] if api_listener else []), [], [], STALE_CHECK_INTERVAL)[0]
+            if took_r in ready and b"t" in os.read(took_r, 64):
+                state["spare"] = 0
+            if api_listener in ready:
+                _fork_api_worker(api_listener, api, [listener.fileno(), took_r, took_w])
             if time.monotonic() - last_check >= STALE_CHECK_INTERVAL:
                 last_check = time.monotonic()
                 if code_stamp() != stamp:
@@ -142,8 +147,11 @@ def serve(dispatch: Dispatch, warm_up: Callable[[], None] | None = None, ready_f
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(state["spare"], 0)
         listener.close()
+        if api_listener is not None:
+            api_listener.close()
         if _is_ours():
             socket_path().unlink(missing_ok=True)
+            api_socket_path().unlink(missing_ok=True)
             pid_path().unlink(missing_ok=True)
 
 
@@ -191,15 +199,19 @@ def _preload(warm_up: Callable[[], None] | None) -> None:
         cgroups.available_controllers()  # finds and caches the hierarchies (mountinfo)
 
 
-def _listen(path: Path) -> socket.socket:
-    """Bind the socket under a temporary name, make it 0600, then rename it into place:
-    a client never sees a socket that is not ready or that anyone may use."""
+def _listen(path: Path, group: str = "") -> socket.socket:
+    """Bind the socket under a temporary name, make it 0600 (0660 for ``group``, if that
+    group exists), then rename it into place: a client never sees a socket that is not
+    ready or that anyone may use."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(tmp))
-    os.chmod(tmp, 0o600)
+    gid = _group_id(group)
+    if gid is not None:
+        os.chown(tmp, 0, gid)
+    os.chmod(tmp, 0o600 if gid is None else 0o660)
     listener.listen(64)
     os.replace(tmp, path)
     return listener
@@ -224,6 +236,60 @@ def _reap() -> list[int]:
         if pid == 0:
             return done
         done.append(pid)
+
+
+# -- the Engine API: one worker per connection ---------------------------------------------
+API_GROUP = "labkit"  # like the docker group: its members may use the API (root always may)
+Api = Callable[[socket.socket, Callable[[str], None]], None]  # answers one connection
+
+
+def api_socket_path() -> Path:
+    return paths.api_socket()
+
+
+def _group_id(name: str) -> int | None:
+    try:
+        return grp.getgrnam(name).gr_gid if name else None
+    except KeyError:
+        return None
+
+
+def _fork_api_worker(api_listener: socket.socket, api: Api, close: list[int]) -> None:
+    """Accept one API connection and answer it in a forked worker, as dockerd runs each
+    request in a goroutine: a long ``docker attach`` holds only its own process."""
+    try:
+        conn, _ = api_listener.accept()
+    except OSError:
+        return
+    pid = syscalls.fork()
+    if pid:
+        conn.close()
+        return
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        syscalls.prctl(syscalls.Prctl.PR_SET_CHILD_SUBREAPER, 0)
+        _set_name("labkit-api")
+        api_listener.close()
+        for fd in close:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        peer_pid, uid, _ = struct.unpack("3i", creds)
+        if uid != 0 and _group_id(API_GROUP) not in proc.groups(peer_pid):
+            conn.sendall(_forbidden(uid))
+            os._exit(0)
+        api(conn, lambda line: print(f"labkitd: api {os.getpid()}: {line}", flush=True))
+    except BaseException:  # noqa: BLE001 - nothing may escape a forked child
+        with contextlib.suppress(OSError):
+            os.write(2, traceback.format_exc().encode())  # labkitd's log
+        os._exit(1)
+    os._exit(0)
+
+
+def _forbidden(uid: int) -> bytes:
+    body = f'{{"message": "permission denied: the Engine API is for root and the labkit group (uid {uid})"}}\n'.encode()
+    return b"HTTP/1.1 403 Forbidden\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body)
 
 
 # -- one request --------------------------------------------------------------------------
@@ -358,9 +424,10 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def start(dispatch: Dispatch, warm_up: Callable[[], None] | None = None, timeout: float = 30.0) -> int:
+def start(dispatch: Dispatch, warm_up: Callable[[], None] | None = None, timeout: float = 30.0,
+          api: Api | None = None) -> int:
     """Start labkitd in the background (double fork, own session); its pid once it listens.
-    ``dispatch`` and ``warm_up`` as for serve()."""
+    ``dispatch``, ``warm_up`` and ``api`` as for serve()."""
     pid = running_pid()
     if pid:
         return pid
@@ -383,7 +450,11 @@ def start(dispatch: Dispatch, warm_up: Callable[[], None] | None = None, timeout
             # held open here would keep `labkit daemon start | cat` waiting forever)
             os.closerange(3, ready_w)
             os.closerange(ready_w + 1, os.sysconf("SC_OPEN_MAX"))
-            serve(dispatch, warm_up, ready_w)
+            # and Python's own streams write to the log too (the caller's may be gone: a
+            # test runner's capture file was among the fds just closed)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)
+            serve(dispatch, warm_up, ready_w, api)
         finally:
             os._exit(0)
     os.close(ready_w)
@@ -408,6 +479,6 @@ def stop(timeout: float = 10.0) -> int:
     # the process, not its pid file: that goes a moment before the exit
     if not poll.until(lambda: not _alive(pid), timeout, first=0.01, most=0.01):
         os.kill(pid, signal.SIGKILL)
-    for path in (socket_path(), pid_path()):
+    for path in (socket_path(), api_socket_path(), pid_path()):
         path.unlink(missing_ok=True)
     return pid

@@ -37,6 +37,17 @@ def name(pid: int | str) -> str:
     return text[text.index("(") + 1 : text.rindex(")")]
 
 
+def groups(pid: int | str) -> set[int]:
+    """The supplementary group ids of ``pid`` (the ``Groups:`` line of /proc/PID/status);
+    empty if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            line = next((x for x in f if x.startswith("Groups:")), "Groups:")
+    except OSError:
+        return set()
+    return {int(g) for g in line.split()[1:]}
+
+
 def start_time(pid: int | str) -> int:
     """Field 22: when the process started, in clock ticks after boot."""
     return int(stat_fields(pid)[19])

@@ -19,8 +19,11 @@ Layer: runtime. Used by the CLI (labkit run / runtime), the engine and the noteb
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import secrets
+import select
 import signal
 import time
 from collections.abc import Callable
@@ -31,11 +34,11 @@ from labkit.errors import AlreadyExists, InvalidValue, LabkitError, NotFound, St
 from labkit.kernel import cgroups, proc, safe
 from labkit.runtime import handshake, shim
 from labkit.runtime.spec import Spec
-from labkit.runtime.state import State, all_ids, container_dir, data_dir, update
+from labkit.runtime.state import State, all_ids, container_dir, data_dir, locked, update
 from labkit.runtime.status import Status, allows, check
 from labkit.runtime.stdio import Stdio
 
-__all__ = ["Stdio", "create", "start", "run", "wait", "wait_shim", "kill", "stop", "pause", "resume", "delete",
+__all__ = ["Stdio", "create", "start", "run", "wait", "wait_exit", "wait_shim", "kill", "stop", "pause", "resume", "delete",
            "load", "list_states", "spec_of", "log_path", "ids", "cgroup_name", "POSTSTOP"]  # fmt: skip
 
 # Called with the container's id once its directories are gone (at delete, and when a
@@ -134,8 +137,11 @@ def start(container_id: str) -> State:
     if not handshake.release(str(fifo), START_TIMEOUT, lambda: load(container_id).status is Status.STOPPED):
         raise StateError(f"container {container_id[:12]} did not start: its init is gone")
     fifo.unlink(missing_ok=True)
-    return update(container_id, lambda s: s.replace(status=Status.RUNNING, started=time.time())
-                  if allows("start", s.status) else s)  # fmt: skip
+    try:
+        return update(container_id, lambda s: s.replace(status=Status.RUNNING, started=time.time())
+                      if allows("start", s.status) else s)  # fmt: skip
+    except NotFound:  # it ran, ended and was removed (--rm) before we could note the start
+        return state.replace(status=Status.STOPPED)
 
 
 def run(container_id: str, spec: Spec, **create_args) -> int:
@@ -150,6 +156,39 @@ def wait_shim(container_id: str, timeout: float | None = None) -> int:
     if container_id in shim.MONITORED:  # monitor_here: no shim, we wait for init ourselves
         return shim.monitor(container_id)
     return proc.exit_code(shim.wait_child(_recorded(container_id).shim_pid, timeout))
+
+
+def wait_exit(container_id: str, timeout: float | None = None, listening: Callable[[], None] | None = None) -> int:
+    """Wait for the container's exit code, even when --rm removes the container the
+    moment it exits (what ``docker wait`` and the Engine API's wait need): a fifo in its
+    state directory, into which the shim writes the code (shim.tell_waiters).
+    ``listening()`` is called once the fifo is there: from then on no exit is missed."""
+    waiters = container_dir(container_id) / "waiters"
+    fifo = waiters / f"{os.getpid()}-{secrets.token_hex(4)}"
+    with locked(container_id):  # NotFound: the container went before we came
+        waiters.mkdir(exist_ok=True)
+        os.mkfifo(fifo, 0o600)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader now: the shim's write finds us
+    if listening is not None:
+        listening()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            state = load(container_id)  # NotFound: it is gone, and no code came (removed by rm)
+            if state.status is Status.STOPPED and state.exit_code is not None:
+                return state.exit_code
+            left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if left <= 0:
+                raise StateError(f"container {container_id[:12]} still {state.status.value} after {timeout} s")
+            if select.select([fd], [], [], left)[0]:
+                data = os.read(fd, 64).strip()
+                if data.isdigit():
+                    return int(data)
+                time.sleep(0.05)  # a writer came and went without a word: the fifo stays readable
+    finally:
+        os.close(fd)
+        with contextlib.suppress(NotFound), locked(container_id):
+            fifo.unlink(missing_ok=True)
 
 
 def wait(container_id: str, timeout: float | None = None) -> int:
@@ -264,9 +303,10 @@ def _remove_dirs(container_id: str, cg) -> None:
     """Undo create: the cgroup, then the two directories, never following a link or mount."""
     if cg is not None:
         cg.close(keep_parents=True)
-    for d, within in ((container_dir(container_id), paths.run_root()), (data_dir(container_id), paths.lib_root())):
-        if d.exists():
-            safe.remove_tree(d, within=within)
+    with contextlib.suppress(NotFound), locked(container_id):  # no state.json written meanwhile
+        safe.remove_tree(container_dir(container_id), within=paths.run_root())
+    if data_dir(container_id).exists():
+        safe.remove_tree(data_dir(container_id), within=paths.lib_root())
     for hook in POSTSTOP:
         hook(container_id)
 

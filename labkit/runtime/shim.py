@@ -219,7 +219,29 @@ def monitor(container_id: str) -> int:
         pass
     update(container_id, lambda s: s.replace(status=Status.STOPPED, exit_code=code, finished=time.time(),
                                              oom_killed=oom, pid_start=started))  # fmt: skip
+    tell_waiters(container_id, code)
     return code
+
+
+def tell_waiters(container_id: str, code: int) -> None:
+    """Write the exit code into every waiter's fifo (``container.wait_exit``), before a
+    --rm container's directories, state.json included, are removed."""
+    waiters = container_dir(container_id) / "waiters"
+    try:
+        names = os.listdir(waiters)
+    except FileNotFoundError:
+        return
+    for name in names:
+        try:
+            fd = os.open(waiters / name, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO: its reader left
+        except OSError:
+            continue
+        try:
+            os.write(fd, f"{code}\n".encode())
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def wait_child(pid: int, timeout: float | None = None) -> int:

@@ -14,15 +14,17 @@ Layer: runtime. Used by container.py, shim.py and the CLI.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from labkit import paths
+from labkit.errors import NotFound
 from labkit.kernel import cgroups, proc
 from labkit.runtime.spec import OCI_VERSION
 from labkit.runtime.status import Status
@@ -123,20 +125,37 @@ def all_ids() -> list[str]:
         return []
     found = []
     for d in root.iterdir():
-        st = d / "state.json"
-        if st.exists():
-            found.append((st.stat().st_mtime, d.name))
+        try:
+            found.append(((d / "state.json").stat().st_mtime, d.name))
+        except FileNotFoundError:  # not written yet, or removed meanwhile (a --rm exit)
+            continue
     return [name for _, name in sorted(found)]
 
 
-def update(container_id: str, change: Callable[[State], State]) -> State:
-    """Read-modify-write state.json under flock(2) on the container's directory, so the
-    caller and the shim never overwrite each other's change."""
-    fd = os.open(container_dir(container_id), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+@contextlib.contextmanager
+def locked(container_id: str) -> Iterator[None]:
+    """flock(2) on the container's directory, so that update() and the removal of the
+    directory take turns: a state written while the directory is being removed would
+    make the removal fail half-way. NotFound if the container is gone."""
+    try:
+        fd = os.open(container_dir(container_id), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound(f"no such container: {container_id}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd is closed
-        new = change(State.load(container_id))
-        new.save()
+        yield
     finally:
         os.close(fd)
+
+
+def update(container_id: str, change: Callable[[State], State]) -> State:
+    """Read-modify-write state.json under the container's lock, so the caller and the
+    shim never overwrite each other's change. NotFound if the container is gone (a --rm
+    container's shim may remove it the moment it exits)."""
+    with locked(container_id):
+        try:
+            new = change(State.load(container_id))
+            new.save()
+        except FileNotFoundError:  # removed before we had the lock
+            raise NotFound(f"no such container: {container_id}") from None
     return new
