@@ -125,6 +125,33 @@ def test_pull_from_the_local_registry_and_build(api, tmp_dir):
         assert docker(api, "rmi", "api-built:v1", name).returncode == 0
 
 
+def test_a_terminal_networks_and_a_push(api, tmp_dir):
+    r = docker(api, "run", "--rm", "-t", "busybox", "sh", "-c", "tty; echo on a terminal")
+    assert r.returncode == 0 and r.stdout.replace("\r\n", "\n") == "/dev/console\non a terminal\n", r  # raw, not framed
+    assert docker(api, "network", "create", "apinet").returncode == 0
+    assert "apinet" in docker(api, "network", "ls").stdout and "apinet" in labkit("network", "ls").stdout
+    subnet = json.loads(docker(api, "network", "inspect", "apinet").stdout)[0]["IPAM"]["Config"][0]["Subnet"]
+    r = docker(api, "run", "--rm", "--network", "apinet", "busybox", "ip", "-4", "-o", "addr", "show", "eth0")
+    assert r.returncode == 0 and subnet.rsplit(".", 2)[0] in r.stdout, (r.stdout, subnet)
+    r = docker(api, "run", "-d", "--name", "onnet", "--network", "apinet", "busybox", "sleep", "60")
+    r = docker(api, "network", "rm", "apinet")
+    assert r.returncode != 0 and "onnet" in r.stderr, r.stderr  # in use: refused, and says by whom
+    docker(api, "rm", "-f", "onnet")
+    assert docker(api, "network", "rm", "apinet").returncode == 0
+    assert "apinet" not in labkit("network", "ls").stdout
+    from labkit.lab.registry import local_registry
+
+    need_tool("docker-registry")
+    with local_registry() as reg:
+        name = f"{reg.address}/course/pushed:v2"
+        assert docker(api, "tag", "busybox", name).returncode == 0
+        r = docker(api, "push", name)
+        assert r.returncode == 0 and "digest: sha256:" in r.stdout, r.stdout + r.stderr
+        assert docker(api, "rmi", name).returncode == 0
+        assert labkit("pull", name, timeout=120).returncode == 0  # what docker pushed, labkit pulls
+        labkit("rmi", name)
+
+
 def test_docker_py_runs_a_container(api):
     docker_py = pytest.importorskip("docker")  # requirements.txt installs it
     client = docker_py.DockerClient(base_url=f"unix://{api}")
@@ -134,6 +161,9 @@ def test_docker_py_runs_a_container(api):
         c = client.containers.run("busybox", ["sleep", "60"], detach=True, name="py")
         assert c.status in ("created", "running") and client.containers.get("py").status == "running"
         assert c.exec_run("echo from exec").output == b"from exec\n"
+        assert c.exec_run(["sh", "-c", "exit 7"]).exit_code == 7
+        assert c.logs() == b""  # a sleeping container has logged nothing
+        assert "busybox:latest" in [t for i in client.images.list() for t in i.tags]
         c.remove(force=True)
         with pytest.raises(docker_py.errors.NotFound, match="No such container"):
             client.containers.get("py")

@@ -143,6 +143,14 @@ def test_name_resolution():
             images.parse_ref(bad)
 
 
+def test_an_image_is_found_by_its_id_or_a_prefix_of_it(store):
+    img = images.get("busybox")
+    assert images.get(img.id).id == img.id  # sha256:<64 hex>, as the Engine API's clients send it
+    assert images.get(img.short_id).id == img.id  # the 12 digits `labkit images` shows
+    with pytest.raises(NotFound):
+        images.get("0123456789ab")  # hex, but no image's
+
+
 def test_unknown_image_is_one_clear_line(store):
     with pytest.raises(NotFound) as info:
         images.get("nosuch")

@@ -331,7 +331,12 @@ def build_base(name: str, progress: Progress | None = None) -> Image:
 
 
 def get(ref: str, progress: Progress | None = None) -> Image:
-    """The image ``ref`` names; a built-in one is built on first use."""
+    """The image ``ref`` names: a name[:tag], or an id (``sha256:...`` or a unique
+    prefix of its hex digits, as ``docker images`` shows it); a built-in one is built
+    on first use."""
+    by_id = _by_id(ref)
+    if by_id is not None:
+        return by_id
     name, tag = parse_ref(ref)
     image_id = _repositories().get(_key(name, tag))
     if image_id:
@@ -339,6 +344,16 @@ def get(ref: str, progress: Progress | None = None) -> Image:
     if BUILTIN.get(name) == tag:
         return build_base(f"{name}:{tag}", progress)
     raise NotFound(f"no such image {ref!r}; labkit images lists them, 'busybox' and 'debian' are built in")
+
+
+def _by_id(ref: str) -> Image | None:
+    digits = ref.removeprefix("sha256:")
+    if len(digits) < 12 or not all(c in "0123456789abcdef" for c in digits):
+        return None
+    found = {(r, i) for r, i in _repositories().items() if i.removeprefix("sha256:").startswith(digits)}
+    if len({i for _, i in found}) != 1:
+        return None
+    return _load(*min(found))
 
 
 def list_images() -> list[Image]:
