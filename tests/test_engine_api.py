@@ -89,12 +89,20 @@ def test_detached_ps_logs_exec_stop_rm_and_images(api):
     assert "web" in labkit("ps").stdout  # the same container, seen by labkit's own client
     r = docker(api, "exec", "web", "sh", "-c", "echo in exec; echo to err >&2; exit 4")
     assert (r.returncode, r.stdout, r.stderr) == (4, "in exec\n", "to err\n")  # stdout and stderr apart
+    assert docker(api, "pause", "web").returncode == 0
+    assert "(Paused)" in docker(api, "ps").stdout and "Paused" in labkit("ps").stdout
+    assert docker(api, "unpause", "web").returncode == 0
+    assert "(Paused)" not in docker(api, "ps").stdout
     started = time.monotonic()
     assert docker(api, "stop", "-t", "1", "web").returncode == 0
     assert time.monotonic() - started < 10
     assert "Exited" in docker(api, "ps", "-a").stdout
     assert docker(api, "rm", "-f", "web").returncode == 0
     assert "web" not in docker(api, "ps", "-a").stdout
+    docker(api, "run", "-d", "--name", "victim", "busybox", "sleep", "300")
+    assert docker(api, "kill", "-s", "KILL", "victim").returncode == 0
+    until(lambda: "Exited (137)" in docker(api, "ps", "-a").stdout)
+    assert docker(api, "rm", "victim").returncode == 0
     images = docker(api, "images").stdout
     assert images.startswith("REPOSITORY") and "busybox" in images
     r = docker(api, "rm", "no-such-container")
