@@ -188,6 +188,9 @@ def test_bad_requests_get_docker_s_answers_and_labkitd_serves_on(api):
     assert status == 400 and "invalid JSON" in doc["message"]
     status, doc = raw(api, b"POST /containers/create HTTP/1.1\r\nContent-Length: 9999999999999\r\n\r\n")
     assert status == 413 and "larger than" in doc["message"]
+    big = b"[" + b"0," * (9 * 1024 * 1024) + b"0]"  # 18 MiB of JSON: too much for a request
+    status, doc = raw(api, b"POST /containers/create HTTP/1.1\r\nContent-Length: %d\r\n\r\n%b" % (len(big), big))
+    assert status == 413 and "at most" in doc["message"]
     status, doc = raw(api, b"GET /v9.99/info HTTP/1.1\r\n\r\n")
     assert status == 400 and doc["message"].startswith("client version 9.99 is too new")
     status, doc = raw(api, b"GET /v1.41/containers/nosuch/json HTTP/1.1\r\n\r\n")

@@ -69,8 +69,11 @@ class Request:
     rfile: BinaryIO | None = None  # the connection, for a hijacked stream's stdin
 
     def json(self, default: object = None) -> object:
-        """The body as JSON (``default`` when there is none); 400 when it is not JSON."""
-        raw = self.body.read() if self.body is not None else b""
+        """The body as JSON (``default`` when there is none); 400 when it is not JSON,
+        413 when it is larger than MAX_BODY."""
+        raw = self.body.read(MAX_BODY + 1) if self.body is not None else b""
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, f"a JSON request body may be at most {MAX_BODY} bytes")
         if not raw.strip():
             return default
         try:
