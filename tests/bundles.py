@@ -47,10 +47,16 @@ def edit_config(dir_: Path, change) -> None:
     path.write_text(json.dumps(doc, indent=2))
 
 
+# Under software emulation (the cgroup v2 guest) everything runs several times slower:
+# the guest's test run sets this factor, which stretches every labkit() timeout.
+SLOWDOWN = float(os.environ.get("LABKIT_TEST_SLOWDOWN", "1"))
+
+
 def labkit(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
     if "input" not in kw:  # not the terminal pytest may run in: labkitd serves only non-terminal stdin
         kw.setdefault("stdin", subprocess.DEVNULL)
-    return subprocess.run([*LABKIT, *args], capture_output=True, text=True, timeout=timeout, check=False, **kw)
+    return subprocess.run([*LABKIT, *args], capture_output=True, text=True, timeout=timeout * SLOWDOWN, check=False,
+                          **kw)  # fmt: skip
 
 
 def leftovers() -> list[str]:
@@ -92,7 +98,7 @@ def served_by_labkitd() -> int:
 
 def until(cond, timeout: float = 10.0, step: float = 0.01) -> None:
     """Poll ``cond()`` until it is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout * SLOWDOWN
     while not cond():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(step)

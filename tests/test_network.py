@@ -29,9 +29,10 @@ from labkit.kernel import mounts
 from labkit.kernel import network as net
 from labkit.kernel.syscalls import CloneFlags, setns
 from labkit.lab import cleanup
+from tests.bundles import SLOWDOWN
 from tests.conftest import need_tool
 
-TIMEOUT = 2.0  # seconds for any one connection, reply or ping
+TIMEOUT = 2.0 * SLOWDOWN  # seconds for any one connection, reply or ping (SLOWDOWN: see bundles)
 
 
 # -- names, canary, and what is ours -----------------------------------------------------------

@@ -22,12 +22,12 @@ import threading
 import time
 
 import pytest
-from bundles import LABKIT, labkit, leftovers, until
+from bundles import LABKIT, SLOWDOWN, labkit, leftovers, until
 
 from labkit import paths
 from labkit.kernel import network as net
 
-TIMEOUT = 3.0
+TIMEOUT = 3.0 * SLOWDOWN
 
 
 @pytest.fixture(autouse=True)
@@ -146,7 +146,7 @@ def test_twenty_parallel_starts_get_twenty_addresses_and_rm_releases_them():
                               stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True) for _ in range(20)]
     ids = []
     for p in procs:
-        out, err = p.communicate(timeout=120)
+        out, err = p.communicate(timeout=120 * SLOWDOWN)
         assert p.returncode == 0, err
         ids.append(out.strip())
     ips = {lease(c)["ip"] for c in ids}
@@ -219,7 +219,7 @@ def test_outbound_traffic_is_masqueraded_to_an_outside_the_test_made():
     tid = secrets.token_hex(2)
     with outside(tid) as (ns, host_ip, out_ip):
         server = ns.call(lambda: socket.create_server(("0.0.0.0", 7000)))
-        server.settimeout(10)
+        server.settimeout(10 * SLOWDOWN)
         seen = []
 
         def accept() -> None:

@@ -126,16 +126,18 @@ def _taken(name: str) -> dict[ipaddress.IPv4Network, str]:
     (other than through this network's own bridge) and every other network's subnet."""
     from labkit.kernel import network as net
 
-    own = paths.bridge_name(name)
-    taken = {ipaddress.IPv4Network(r.dst): f"a route on {r.dev}" for r in net.routes()
-             if r.dst != "default" and r.dev != own}  # fmt: skip
+    taken: dict[ipaddress.IPv4Network, str] = {}
     d = paths.networks_dir()
     for f in sorted(d.glob("*.json")) if d.is_dir() else ():
         if f.stem != name:
             try:
-                taken.setdefault(ipaddress.IPv4Network(json.loads(f.read_text())["subnet"]), f"network {f.stem}")
+                taken[ipaddress.IPv4Network(json.loads(f.read_text())["subnet"])] = f"network {f.stem}"
             except (ValueError, KeyError):
                 continue
+    own = paths.bridge_name(name)
+    for r in net.routes():  # a network's own bridge route is already named by its network
+        if r.dst != "default" and r.dev != own:
+            taken.setdefault(ipaddress.IPv4Network(r.dst), f"a route on {r.dev}")
     return taken
 
 

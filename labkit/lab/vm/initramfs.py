@@ -41,9 +41,11 @@ REQUIRED_MODULES = ["virtio_pci", "virtio_console"]
 # Drivers for optional features: the host's root over 9p, overlayfs for the writable
 # root and for containers, loop devices for the io tests, and the rng (entropy at boot);
 # then containers' networks: veth pairs, the bridge, and nftables with what labkit's table
-# uses (nat chains, masquerade, dnat, fib daddr type local). modules.dep adds conntrack.
-OPTIONAL_MODULES = ["9p", "9pnet_virtio", "overlay", "loop", "virtio_rng",
-                    "veth", "bridge", "nf_tables", "nft_chain_nat", "nft_nat", "nft_masq", "nft_fib_ipv4"]
+# uses (nat chains, masquerade, dnat, fib daddr type local). modules.dep adds conntrack
+# and libcrc32c; that one asks the crypto API for a "crc32c", which nothing could load
+# this early (no modprobe in here), so crc32c_generic comes first.
+OPTIONAL_MODULES = ["9p", "9pnet_virtio", "overlay", "loop", "virtio_rng", "veth", "bridge", "crc32c_generic",
+                    "nf_tables", "nft_chain_nat", "nft_nat", "nft_masq", "nft_fib_ipv4"]
 
 BUSYBOX_CANDIDATES = ["/bin/busybox", "/usr/bin/busybox", "/usr/lib/initramfs-tools/bin/busybox"]
 
