@@ -70,10 +70,12 @@ def leftovers() -> list[str]:
             found += [str(p) for p in d.iterdir()]
     if paths.endpoints_dir().is_dir():  # network leases and their /etc files
         found += [str(p) for p in paths.endpoints_dir().iterdir() if p.name != "lock"]
-    # only the ids these tests make (other suites may run containers/ groups of their own)
-    found += [f"cgroup {n}" for n in cgroups.list_all() if re.fullmatch(r"containers/([0-9a-f]{64}|rt\d+)", n)]
     # shims of this session only: another test run on the machine has its own LABKIT_ROOT
     ours = f"LABKIT_ROOT={os.environ.get('LABKIT_ROOT', '')}".encode()
+    # only the ids these tests make (other suites may run containers/ groups of their own),
+    # and not the group of a container that another state root's run holds
+    found += [f"cgroup {n}" for n in cgroups.list_all()
+              if re.fullmatch(r"containers/([0-9a-f]{64}|rt\d+)", n) and not _held_by_others(n, ours)]  # fmt: skip
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
@@ -102,3 +104,29 @@ def until(cond, timeout: float = 10.0, step: float = 0.01) -> None:
     while not cond():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(step)
+
+
+def _held_by_others(name: str, ours: bytes) -> bool:
+    """The group's processes belong to another state root: one of them, or its parent
+    (a container's command has the image's environment, its shim the caller's), started
+    with another LABKIT_ROOT, and none with ours."""
+    from labkit.errors import LabkitError
+    from labkit.kernel import cgroups
+
+    try:
+        pids = cgroups.open(name).procs()
+    except LabkitError:
+        return False
+    roots = set()
+    for pid in pids:
+        try:
+            parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+        except OSError:
+            continue
+        for who in (pid, parent):
+            try:
+                env = Path(f"/proc/{who}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            roots.update(e for e in env if e.startswith(b"LABKIT_ROOT="))
+    return bool(roots) and ours not in roots
