@@ -79,6 +79,15 @@ def test_docker_run_prints_and_exits_as_the_container_did(api):
     assert leftovers() == []
 
 
+def test_attach_and_logs_follow_a_container_until_it_exits(api):
+    r = docker(api, "run", "--rm", "busybox", "sh", "-c", "echo one; sleep 0.3; echo two")
+    assert (r.returncode, r.stdout) == (0, "one\ntwo\n"), r.stderr
+    cid = docker(api, "run", "-d", "busybox", "sh", "-c", "echo a; sleep 0.5; echo b").stdout.strip()
+    r = docker(api, "logs", "-f", cid)  # while it sleeps: follows it to its end
+    assert (r.returncode, r.stdout) == (0, "a\nb\n"), r.stderr
+    assert docker(api, "rm", cid).returncode == 0
+
+
 def test_detached_ps_logs_exec_stop_rm_and_images(api):
     r = docker(api, "run", "-d", "--name", "web", "busybox", "sh", "-c", "echo started; sleep 300")
     cid = r.stdout.strip()

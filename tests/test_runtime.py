@@ -170,6 +170,19 @@ def test_state_machine_and_illegal_transitions(tmp_dir, clean):
         container.load("rt2")
 
 
+def test_an_exit_fifo_hears_the_exit_even_of_a_container_that_removes_itself(tmp_dir, clean):
+    b = bundle(tmp_dir, ["sh", "-c", "exit 5"])
+    container.create("rt40", Spec.load(b), bundle=b, auto_remove=True)  # detached: its shim removes it
+    with container.exit_fifo("rt40") as fd:
+        assert not select.select([fd], [], [], 0)[0]  # created: nothing to hear yet
+        container.start("rt40")
+        assert select.select([fd], [], [], 10)[0]
+        assert os.read(fd, 64) == b"5\n"
+    until(lambda: "rt40" not in container.ids())
+    with pytest.raises(NotFound), container.exit_fifo("rt40"):
+        pass
+
+
 def test_exec_joins_namespaces_and_cgroup_of_pid1(tmp_dir, clean):
     b = bundle(tmp_dir, ["sleep", "30"])
     container.create("rt3", Spec.load(b), bundle=b)

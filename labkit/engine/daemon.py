@@ -63,6 +63,7 @@ STALE_CHECK_INTERVAL = 1.0  # seconds between looks at labkit's files (a shared 
 PRELOAD = (
     "labkit.runtime.container", "labkit.runtime.init", "labkit.runtime.execute", "labkit.runtime.tty",
     "labkit.engine.images", "labkit.engine.rootfs", "labkit.engine.layers", "labkit.kernel.safe",
+    "labkit.engine.reference",  # image names: every run and create parses one (~8 ms to load in a worker)
     "labkit.kernel.cgroups", "labkit.kernel.cgroups.v1", "labkit.kernel.cgroups.v2", "labkit.kernel.overlay",
     "labkit.kernel.namespaces", "labkit.kernel.security", "labkit.kernel.mounts", "json", "argparse",
     # the default network: endpoints, pyroute2's IPRoute (slow to import), libnftables' wrapper

@@ -26,7 +26,7 @@ import secrets
 import select
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from labkit import paths, poll
@@ -38,8 +38,8 @@ from labkit.runtime.state import State, all_ids, container_dir, data_dir, locked
 from labkit.runtime.status import Status, allows, check
 from labkit.runtime.stdio import Stdio
 
-__all__ = ["Stdio", "create", "start", "run", "wait", "wait_exit", "wait_shim", "kill", "stop", "pause", "resume", "delete",
-           "load", "list_states", "spec_of", "log_path", "ids", "cgroup_name", "POSTSTOP"]  # fmt: skip
+__all__ = ["Stdio", "create", "start", "run", "wait", "wait_exit", "exit_fifo", "wait_shim", "kill", "stop", "pause",
+           "resume", "delete", "load", "list_states", "spec_of", "log_path", "ids", "cgroup_name", "POSTSTOP"]  # fmt: skip
 
 # Called with the container's id once its directories are gone (at delete, and when a
 # create fails): the engine releases the container's network here. The in-process form
@@ -160,19 +160,13 @@ def wait_shim(container_id: str, timeout: float | None = None) -> int:
 
 def wait_exit(container_id: str, timeout: float | None = None, listening: Callable[[], None] | None = None) -> int:
     """Wait for the container's exit code, even when --rm removes the container the
-    moment it exits (what ``docker wait`` and the Engine API's wait need): a fifo in its
-    state directory, into which the shim writes the code (shim.tell_waiters).
-    ``listening()`` is called once the fifo is there: from then on no exit is missed."""
-    waiters = container_dir(container_id) / "waiters"
-    fifo = waiters / f"{os.getpid()}-{secrets.token_hex(4)}"
-    with locked(container_id):  # NotFound: the container went before we came
-        waiters.mkdir(exist_ok=True)
-        os.mkfifo(fifo, 0o600)
-    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader now: the shim's write finds us
-    if listening is not None:
-        listening()
-    deadline = None if timeout is None else time.monotonic() + timeout
-    try:
+    moment it exits (what ``docker wait`` and the Engine API's wait need): it comes
+    through an exit fifo (``exit_fifo``). ``listening()`` is called once the fifo is
+    there: from then on no exit is missed."""
+    with exit_fifo(container_id) as fd:  # NotFound: the container went before we came
+        if listening is not None:
+            listening()
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             state = load(container_id)  # NotFound: it is gone, and no code came (removed by rm)
             if state.status is Status.STOPPED and state.exit_code is not None:
@@ -185,6 +179,22 @@ def wait_exit(container_id: str, timeout: float | None = None, listening: Callab
                 if data.isdigit():
                     return int(data)
                 time.sleep(0.05)  # a writer came and went without a word: the fifo stays readable
+
+
+@contextlib.contextmanager
+def exit_fifo(container_id: str) -> Iterator[int]:
+    """A fifo of our own in the container's state directory, open for reading: the shim
+    writes the exit code into every such fifo (shim.tell_waiters) before a --rm
+    container's directories go, so the fd becomes readable at the exit, whatever comes
+    after it. NotFound if the container is gone already."""
+    waiters = container_dir(container_id) / "waiters"
+    fifo = waiters / f"{os.getpid()}-{secrets.token_hex(4)}"
+    with locked(container_id):
+        waiters.mkdir(exist_ok=True)
+        os.mkfifo(fifo, 0o600)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader now: the shim's write finds us
+    try:
+        yield fd
     finally:
         os.close(fd)
         with contextlib.suppress(NotFound), locked(container_id):

@@ -224,7 +224,7 @@ def monitor(container_id: str) -> int:
 
 
 def tell_waiters(container_id: str, code: int) -> None:
-    """Write the exit code into every waiter's fifo (``container.wait_exit``), before a
+    """Write the exit code into every waiter's fifo (``container.exit_fifo``), before a
     --rm container's directories, state.json included, are removed."""
     waiters = container_dir(container_id) / "waiters"
     try:

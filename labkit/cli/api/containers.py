@@ -12,6 +12,7 @@ Layer: the top (labkit/cli/api).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -24,7 +25,7 @@ from labkit.engine import http
 from labkit.engine.http import ApiError, Request, Responder
 from labkit.errors import LabkitError, NotFound
 
-FOLLOW_POLL = 0.05  # seconds between looks at a growing log
+FOLLOW_POLL = 0.05  # seconds between looks at a running container's log
 
 
 def add_routes(r: http.Router, wrap) -> None:
@@ -189,7 +190,8 @@ def _until_gone(cid: str, timeout: float = 30.0) -> None:
     from labkit import poll
     from labkit.runtime.state import container_dir
 
-    poll.until(lambda: not container_dir(cid).exists(), timeout)
+    # the shim removes it right after it has told the exit: look often
+    poll.until(lambda: not container_dir(cid).exists(), timeout, most=0.005)
 
 
 def _gone_or_stopped(cid: str) -> bool:
@@ -202,62 +204,65 @@ def _gone_or_stopped(cid: str) -> bool:
         return True
 
 
-def _follow(path, cid: str, send, follow: bool = True) -> None:
-    """Send what the log holds and, with ``follow``, what it gets until the container
-    stops (then what was written before the stop)."""
+def _open_log(cid: str):
+    """The container's log file, open for reading from its start (None: none yet, or gone)."""
+    from labkit.runtime import container
+
     try:
-        f = open(path, "rb")
+        return open(container.log_path(cid), "rb")
     except FileNotFoundError:
-        return
-    with f:
+        return None
+
+
+def _follow(log, cid: str, send, follow: bool = True) -> None:
+    """Send what ``log`` holds and, with ``follow``, what it gets until the container
+    stops (then what was written before the stop). Between two looks at the log it
+    waits on an exit fifo of the container's: the stop is seen the moment the shim
+    records it, and a running container's output is looked for every FOLLOW_POLL s."""
+    from labkit.runtime import container
+
+    with log, contextlib.ExitStack() as stack:
+        exited = []  # the exit fifo's fd, while the container is there to watch
+        if follow:
+            with contextlib.suppress(NotFound):  # gone already: the log is all there is
+                exited.append(stack.enter_context(container.exit_fifo(cid)))
         while True:
             stopped = not follow or _gone_or_stopped(cid)
-            data = f.read(http.CHUNK)
+            data = log.read(http.CHUNK)
             while data:
                 send(data)
-                data = f.read(http.CHUNK)
+                data = log.read(http.CHUNK)
             if stopped:
                 return
-            time.sleep(FOLLOW_POLL)
+            if select.select(exited, [], [], FOLLOW_POLL)[0] and not os.read(exited[0], 64):
+                time.sleep(FOLLOW_POLL)  # a writer came and went without a word: the fifo stays readable
 
 
 def attach(req: Request, out: Responder) -> None:
-    from labkit.runtime import container
-
     cid = _id(req)
     tty = bool(_record(cid).get("Tty"))
-    path = container.log_path(cid)
-    log = open(path, "rb") if path.exists() else None  # before start: from the beginning
+    log = _open_log(cid)  # before start: from the beginning
     sock = out.hijack(multiplexed=not tty)
     if not req.flag("stream") or log is None:
         return
     send = sock.sendall if tty else (lambda data: sock.sendall(http.frame(http.STDOUT, data)))
-    with log:
-        try:
-            while True:
-                stopped = _gone_or_stopped(cid)
-                data = log.read(http.CHUNK)
-                while data:
-                    send(data)
-                    data = log.read(http.CHUNK)
-                if stopped:  # (a client without stdin closes its side at once: that is no leaving)
-                    break
-                time.sleep(FOLLOW_POLL)
-        except (BrokenPipeError, ConnectionResetError):  # the client went: the container stays
-            return
+    try:  # (a client without stdin closes its side at once: that is no leaving)
+        _follow(log, cid, send)
+    except (BrokenPipeError, ConnectionResetError):  # the client went: the container stays
+        return
     sock.shutdown(socket.SHUT_WR)
 
 
 def logs(req: Request, out: Responder) -> None:
-    from labkit.runtime import container
-
     cid = _id(req)
     if not (req.flag("stdout") or req.flag("stderr")):
         raise ApiError(400, "you must choose at least one stream: stdout=1 or stderr=1")
     tty = bool(_record(cid).get("Tty"))
     write = out.stream("application/vnd.docker.raw-stream" if tty else "application/vnd.docker.multiplexed-stream")
     send = write if tty else (lambda data: write(http.frame(http.STDOUT, data)))
-    _follow(container.log_path(cid), cid, send, follow=req.flag("follow"))
+    log = _open_log(cid)
+    if log is not None:
+        _follow(log, cid, send, follow=req.flag("follow"))
     out.end_stream()
 
 
