@@ -206,6 +206,21 @@ def test_namespace_is_kept_under_the_run_root_and_seen_by_ip_netns(tid, canary):
         net.NetNS.open(name)
 
 
+def test_two_removers_of_one_namespace_at_once_both_succeed(tid, canary, monkeypatch):
+    """A --rm container's shim releases its network while another container's labkit
+    sweeps the lease as stale: both remove the namespace, and the later one finds each
+    step done already, even one done between its look and its act."""
+    name = f"labkit-t{tid}-a"
+    ns = net.NetNS.create(name)
+    path, link = ns.path, paths.IP_NETNS_DIR / name
+    ns.remove()
+    real_exists = os.path.exists
+    monkeypatch.setattr(net.netns.os.path, "exists", lambda p: p == path or real_exists(p))  # looked before
+    net.netns._remove_paths(path, link)  # unmount: ENOENT, unlink: gone; neither is an error
+    monkeypatch.undo()
+    assert name not in net.namespaces()
+
+
 # -- veth, bridge -------------------------------------------------------------------------------------
 def test_veth_across_host_and_namespace(tid, canary):
     subnet = net.check_network(free_subnet())

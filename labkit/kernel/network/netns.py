@@ -25,6 +25,8 @@ notebook 08 and the tests.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import threading
@@ -164,7 +166,9 @@ class NetNS:
 
 
 def _remove_paths(path: os.PathLike, ip_link: os.PathLike) -> None:
-    """Undo create(): each step tolerates what is already gone (a cleanup may have run)."""
+    """Undo create(): each step tolerates what is already gone (a cleanup may have run,
+    or another process may be removing the same namespace right now: a --rm container's
+    shim releasing its network while a new container's labkit sweeps stale leases)."""
     try:
         if os.readlink(ip_link) == os.fspath(path):  # only our own symlink
             os.unlink(ip_link)
@@ -174,9 +178,10 @@ def _remove_paths(path: os.PathLike, ip_link: os.PathLike) -> None:
         try:
             mounts.unmount(path, lazy=True)  # lazy: a process inside keeps it until it exits
         except OSError as e:
-            if e.errno != 22:  # EINVAL: not mounted (any more)
+            if e.errno not in (errno.EINVAL, errno.ENOENT):  # not mounted (any more), or gone
                 raise
-        os.unlink(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def namespaces() -> list[str]:
