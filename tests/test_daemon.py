@@ -77,6 +77,22 @@ def test_same_output_and_exit_code_as_in_process(labkitd):
     assert r.stdout == "/tmp\nb c\nfrom stdin\n"
 
 
+def test_callers_back_to_back_and_at_once_are_all_served(labkitd):
+    """Each request takes the spare worker and labkitd forks the next one: callers one
+    right after the other, and several at once, are all served by labkitd (none falls
+    back to running in-process), and a spare is ready again afterwards."""
+    def spares() -> list[psutil.Process]:
+        return [c for c in psutil.Process(labkitd).children() if c.name() == daemon.WORKER_NAME]
+
+    until(lambda: len(spares()) == 1)
+    before = served_by_labkitd()
+    assert all(labkit("ps").returncode == 0 for _ in range(3))
+    procs = [subprocess.Popen([*LABKIT, "ps"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL) for _ in range(4)]
+    assert [p.wait(timeout=60) for p in procs] == [0] * 4
+    assert served_by_labkitd() == before + 7
+    until(lambda: len(spares()) == 1)  # and one is ready again, blocked in accept()
+
+
 def test_the_working_directory_is_the_callers(labkitd, tmp_dir):
     from bundles import bundle
 
