@@ -215,6 +215,24 @@ def test_bad_requests_get_docker_s_answers_and_labkitd_serves_on(api):
     assert docker(api, "version").returncode == 0  # still serving
 
 
+def test_connection_close_ends_the_connection_after_a_create(api):
+    """A client that reads up to the end of the connection gets it right after the answer,
+    although the create forked a shim that holds a copy of the socket for the container's life."""
+    body = json.dumps({"Image": "busybox", "Cmd": ["sleep", "30"], "HostConfig": {"NetworkMode": "none"}}).encode()
+    with socket.socket(socket.AF_UNIX) as c:
+        c.settimeout(10)  # without the server's shutdown, recv() waits for the container's end
+        c.connect(api)
+        c.sendall(b"POST /v1.41/containers/create HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Content-Length: %d\r\n\r\n%b" % (len(body), body))  # fmt: skip
+        data = b""
+        while piece := c.recv(65536):
+            data += piece
+    assert data.startswith(b"HTTP/1.1 201 Created"), data[:200]
+    cid = json.loads(data.partition(b"\r\n\r\n")[2])["Id"]
+    assert json.loads(docker(api, "inspect", cid).stdout)[0]["State"]["Status"] == "created"
+    assert docker(api, "rm", "-f", cid).returncode == 0
+
+
 def test_a_client_that_leaves_mid_attach_leaves_the_container_running(api):
     cid = docker(api, "run", "-d", "busybox", "sh", "-c", "while :; do echo tick; sleep 0.2; done").stdout.strip()
     with socket.socket(socket.AF_UNIX) as c:

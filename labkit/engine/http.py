@@ -344,3 +344,10 @@ def serve_connection(sock: socket.socket, router: Router, headers: dict[str, str
                 request.body.close()
     finally:
         rfile.close()
+        # The end, for every process that holds the socket: a container's shim, forked by
+        # the create that came on it, keeps a copy open as long as the container lives,
+        # and a client reading up to the end (`Connection: close`) would wait for it.
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:  # the client was gone first
+            pass
