@@ -18,7 +18,7 @@ from bundles import bundle, busybox_rootfs, edit_config, labkit, leftovers, unti
 
 from labkit.errors import ExecFailed, InvalidValue, NotFound, StateError, Unsupported
 from labkit.kernel import namespaces as ns
-from labkit.runtime import container, execute, init, shim
+from labkit.runtime import container, execute, init, shim, timing
 from labkit.runtime.container import Stdio
 from labkit.runtime.filesystem import parse_options, secure_join
 from labkit.runtime.spec import RUNC_NAMESPACES, Mount, Spec
@@ -132,6 +132,28 @@ def test_run_reports_exit_code_and_isolates(tmp_dir, clean):
     assert code == 3
     assert read().startswith("pid=1 host=runc\nsh")
     assert container.load("rt1").status == Status.STOPPED and container.load("rt1").exit_code == 3
+
+
+def test_timing_marks_each_phase_of_a_start_only_when_asked(tmp_dir, clean):
+    b = bundle(tmp_dir, ["true"])
+    marks = tmp_dir / "marks"
+    assert labkit("runtime", "run", "--bundle", str(b), "rt-timing").returncode == 0
+    assert not marks.exists()  # off by default
+    r = labkit("runtime", "run", "--bundle", str(b), "rt-timing", env={**os.environ, "LABKIT_TIMING": str(marks)})
+    assert r.returncode == 0, r.stderr
+    got = timing.read(marks)
+    phases = [phase for phase, _, _ in got]
+    # "cgroup" comes first, then again where v1's init joins or v2's waits for the shim
+    assert phases[0] == "cgroup" and [p for p in phases if p != "cgroup"] == [
+        "namespaces", "namespaces", "mounts", "pivot_root", "created", "capabilities", "exec", "teardown"]
+    assert got[-1][1] - got[0][1] < 30e9  # nanoseconds of one clock: the start took less than 30 s
+    by: dict[str, set[int]] = {}  # phase -> the pids that marked it
+    for phase, _, pid in got:
+        by.setdefault(phase, set()).add(pid)
+    monitor = by["teardown"]  # the labkit process: it made the cgroup, forked init, waited for it
+    assert len(monitor) == 1 and 1 not in monitor
+    assert by["cgroup"] == by["namespaces"] == monitor | {1}  # ... and init, PID 1 of its namespace
+    assert all(by[phase] == {1} for phase in ("mounts", "pivot_root", "created", "capabilities", "exec"))
 
 
 def test_state_machine_and_illegal_transitions(tmp_dir, clean):

@@ -19,11 +19,13 @@ from labkit.errors import InvalidValue, NotFound
 from labkit.kernel import seccomp, security
 from labkit.kernel.cgroups import Limits
 from labkit.runtime import state as st
+from labkit.runtime import timing
 from labkit.runtime.spec import DEFAULT_PATH, Mount, Spec, docker_mounts
 
 
 def build_spec(args: argparse.Namespace, container_id: str):
     """The Spec for `labkit run`'s flags, and the image; everything is checked."""
+    timing.mark("image")  # with LABKIT_TIMING: the image's config and layers, then the spec
     limits = Limits.parse(memory=args.memory, memory_swap=args.memory_swap, cpus=args.cpus,
                           cpu_shares=args.cpu_shares, pids=args.pids_limit)  # fmt: skip
     mode = network_mode(args.network)

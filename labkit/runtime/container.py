@@ -32,7 +32,7 @@ from pathlib import Path
 from labkit import paths, poll
 from labkit.errors import AlreadyExists, InvalidValue, LabkitError, NotFound, StateError
 from labkit.kernel import cgroups, proc, safe
-from labkit.runtime import handshake, shim
+from labkit.runtime import handshake, shim, timing
 from labkit.runtime.spec import Spec
 from labkit.runtime.state import State, all_ids, container_dir, data_dir, locked, update
 from labkit.runtime.status import Status, allows, check
@@ -112,6 +112,7 @@ def create(
                       image=image, command=tuple(spec.args), cgroup=cgroup_name(container_id),
                       detached=detach, auto_remove=auto_remove)  # fmt: skip
         state.save()
+        timing.mark("cgroup")
         made_cgroup = cgroups.create(cgroup_name(container_id), limits=spec.limits)
         options = {"detach": detach, "console": console, "pty_master": pty_master, "monitor_here": monitor_here,
                    "remove": delete}  # fmt: skip

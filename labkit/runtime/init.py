@@ -24,6 +24,9 @@ we run steps 1-7 (a first move waits for the kernel, so it overlaps our work) an
 wait for its word; on v1 we move ourselves before step 1, while the host's cgroup
 files are still in reach (V1Cgroup.join).
 
+With LABKIT_TIMING=FILE each step writes the moment it begins into FILE (timing.py):
+that is how notebook 12 draws a container start, phase by phase.
+
 Errors before execve go back to the parent as one line on the sync pipe, with the
 exit code Docker uses: 127 for a command that is not found, 126 for one that cannot be
 executed. Man pages: unshare(2), mount_namespaces(7), pivot_root(2), capabilities(7),
@@ -45,7 +48,7 @@ from dataclasses import dataclass, field
 from labkit.errors import LabkitError, SyscallError
 from labkit.kernel import mounts, seccomp, seccomp_cache, security, syscalls
 from labkit.kernel.syscalls import CloneFlags, MountFlags
-from labkit.runtime import filesystem, handshake
+from labkit.runtime import filesystem, handshake, timing
 from labkit.runtime.spec import NAMESPACES, Spec
 
 EXIT_NOT_FOUND, EXIT_CANNOT_EXEC, EXIT_SETUP = 127, 126, 1
@@ -95,12 +98,16 @@ def setup(ctx: Context) -> str:
     spec = ctx.spec
     os.umask(0o022)  # what a shell in a Docker container starts with
     if ctx.join_cgroup is not None:  # (v1) step 8 comes first: the host's cgroupfs is still in reach
+        timing.mark("cgroup")  # LABKIT_TIMING: each step notes when it begins (timing.py)
         ctx.join_cgroup()
+    timing.mark("namespaces")
     enter_namespaces(ctx)  # 1.
+    timing.mark("mounts")
     mounts.make_private("/")  # 2.
     filesystem.mount_rootfs(spec, ctx.rootfs)  # 3.
     mount_inside(ctx)  # 4.
     ctx.seccomp_filter = compile_seccomp(spec)  # for 10., while the host's libseccomp is reachable
+    timing.mark("pivot_root")
     # exec.fifo lies outside the new root: keep an O_PATH fd that still reaches it
     fifo = os.open(ctx.fifo, os.O_PATH | os.O_CLOEXEC)
     mounts.pivot_into(ctx.rootfs)  # 5.
@@ -126,6 +133,7 @@ def enter_namespaces(ctx: Context) -> None:
             flags |= _clone_flag(ns_type)
     if "cgroup" in spec.namespaces:
         wait_for_cgroup(ctx)  # a new cgroup namespace is rooted at the cgroup we are in now
+        timing.mark("namespaces")
     syscalls.unshare(flags)
     if "time" in spec.namespaces:
         set_clocks(spec)
@@ -185,6 +193,7 @@ def wait_for_cgroup(ctx: Context) -> None:
     """8. Block until the parent has put us into the container's cgroup (once)."""
     if ctx.go_fd < 0:
         return
+    timing.mark("cgroup")
     if not handshake.wait_go(ctx.go_fd):
         raise InitError(EXIT_SETUP, "the parent went away before the container was created")
     os.close(ctx.go_fd)
@@ -193,6 +202,7 @@ def wait_for_cgroup(ctx: Context) -> None:
 
 def wait_for_start(ctx: Context) -> int:
     """9. Tell the parent we are created, then block on exec.fifo until `start` opens it."""
+    timing.mark("created")
     handshake.send(ctx.sync_fd, "created")
     return handshake.wait_for_start(ctx.fifo)
 
@@ -200,7 +210,10 @@ def wait_for_start(ctx: Context) -> int:
 def compile_seccomp(spec: Spec) -> bytes | None:
     """The BPF program for the spec's rules (None without any), not yet loaded: compiled
     by libseccomp the first time, then read from the state root's cache."""
-    return None if spec.seccomp is None else seccomp_cache.program(spec.seccomp)
+    if spec.seccomp is None:
+        return None
+    timing.mark("seccomp")
+    return seccomp_cache.program(spec.seccomp)
 
 
 def finish_and_exec(spec: Spec, exe: str, seccomp_filter: bytes | None = None) -> None:
@@ -213,7 +226,9 @@ def finish_and_exec(spec: Spec, exe: str, seccomp_filter: bytes | None = None) -
     if spec.no_new_privileges:
         security.set_no_new_privs()
     elif seccomp_filter is not None:
+        timing.mark("seccomp")
         seccomp.load(seccomp_filter)
+    timing.mark("capabilities")
     security.drop_bounding(spec.capabilities)  # needs CAP_SETPCAP: before the switch
     os.setgroups(list(spec.additional_gids))
     os.setgid(spec.gid)
@@ -239,7 +254,9 @@ def finish_and_exec(spec: Spec, exe: str, seccomp_filter: bytes | None = None) -
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
     env = dict(e.split("=", 1) for e in spec.env)
     if spec.no_new_privileges and seccomp_filter is not None:
+        timing.mark("seccomp")
         seccomp.load(seccomp_filter)  # the last step: from here on the filter judges every call
+    timing.mark("exec")
     try:
         os.execve(exe, list(spec.args), env)
     except OSError as err:

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from labkit import poll
 from labkit.errors import ExecFailed, LabkitError, StateError
 from labkit.kernel import proc, syscalls
-from labkit.runtime import handshake
+from labkit.runtime import handshake, timing
 from labkit.runtime.spec import Spec
 from labkit.runtime.state import State, container_dir, data_dir, update
 from labkit.runtime.status import Status, allows
@@ -65,6 +65,7 @@ def launch(state: State, spec: Spec, root: str, cg, stdio: Stdio, *, detach: boo
         # no "pid" line: we know the pid, and init may say "created" before we could write it
         _move_into_cgroup(first, cg, sync_w, go_w)
     else:
+        timing.mark("shim")
         first = syscalls.fork()
         if first == 0:  # the shim (or, when detached, the child that forks it and leaves)
             try:
@@ -167,6 +168,7 @@ def _fork_init(state: State, spec: Spec, root: str, cg, stdio: Stdio, pipes: tup
     # on v2 a first move waits for an RCU grace period, so the parent does it while
     # init sets up.
     self_join = cg.version == 1
+    timing.mark("namespaces")  # a new PID namespace is made by this fork
     pid = syscalls.fork_as_pid1() if "pid" in spec.namespaces else syscalls.fork()
     if pid == 0:  # init: PID 1 in the new namespace
         os.close(go_w)
@@ -207,6 +209,7 @@ def monitor(container_id: str) -> int:
     """Wait for init (our child), then record its exit: code, OOM kill, cgroup gone."""
     pid, cg, started = MONITORED[container_id]
     status = wait_child(pid)  # (if Ctrl-C interrupts this, delete(force=True) comes back here)
+    timing.mark("teardown")
     del MONITORED[container_id]
     code = proc.exit_code(status)
     oom = False
