@@ -149,8 +149,10 @@ def test_value_of_reraises_what_the_child_raised():
 
 def test_figures_have_titles_labels_and_the_machine(tmp_path):
     from labkit.kernel import mounts, namespaces
-    from labkit.lab import plots
+    from labkit.lab import plots, timeline
 
+    one_start = [timeline.Segment("client", 0, 30), timeline.Segment("namespaces", 30, 31.5),
+                 timeline.Segment("exec", 31.5, 33)]  # fmt: skip
     made = [
         plots.lab_map(),
         plots.namespace_matrix({"a": namespaces.namespaces_of(), "b": namespaces.namespaces_of(os.getppid())}),
@@ -159,6 +161,7 @@ def test_figures_have_titles_labels_and_the_machine(tmp_path):
         plots.timeseries({"x": ([0, 1], [2, 3])}, title="t", ylabel="y (%)", what="w"),
         plots.bar_panels({"start time (ms)": {"process": 1.5, "VM": 4000.0}}, title="t", what="w", log=True,
                          xlabel="what was started"),
+        timeline.gantt({"labkit": [one_start, one_start], "runc": [one_start]}, title="t", what="w"),
     ]
     for fig in made:
         texts = [t.get_text() for t in fig.texts]

@@ -103,3 +103,29 @@ def test_state_and_lifecycle_commands_match_runc_shape(probe_bundle):
         if json.loads(labkit("runtime", "state", "vsrunc-st").stdout)["status"] == "stopped":
             break
     assert labkit("runtime", "delete", "vsrunc-st").returncode == 0
+
+
+def test_runc_s_phases_are_found_in_its_strace(tmp_dir):
+    """labkit.lab.timeline reads the phases of a start from strace -f -ttt of the real runc
+    (notebook 12's timeline): each phase once, those inside the container in their order."""
+    from labkit.lab import timeline
+
+    runc, strace = need_tool("runc"), need_tool("strace")
+    b = bundle(tmp_dir, ["true"])
+    edit_config(b, lambda doc: doc["linux"].update(seccomp={
+        "defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["kexec_load"], "action": "SCMP_ACT_ERRNO"}]}))
+    out = tmp_dir / "runc.strace"
+    r = subprocess.run([strace, "-f", "--seccomp-bpf", "-ttt", "-o", str(out),
+                        "-e", "trace=execve,mkdir,mkdirat,unshare,mount,pivot_root,prctl,seccomp",
+                        runc, "run", "--bundle", str(b), "vsrunc-tl"],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    events, start, end = timeline.runc_events(out.read_text())
+    phases = [phase for phase, _ in sorted(events, key=lambda e: e[1])]
+    assert sorted(phases) == sorted(["namespaces", "namespaces", "cgroup", "mounts", "pivot_root", "capabilities",
+                                     "seccomp", "exec", "teardown"]), phases
+    # runc spec's bundle has no_new_privileges: the filter comes after the capabilities, last
+    inside = ["mounts", "pivot_root", "capabilities", "seccomp", "exec", "teardown"]
+    assert [p for p in phases if p in inside] == inside
+    pieces = timeline.segments(events, start, end)
+    assert pieces[0].phase == "client" and abs(sum(s.ms for s in pieces) - (end - start) / 1e6) < 1e-6
