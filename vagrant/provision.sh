@@ -65,9 +65,10 @@ if [ "$DEV" = 1 ]; then
   # verifies the service units; vagrant with the libvirt provider plugin validates the
   # Vagrantfile (without a provider plugin `vagrant validate` finds "no usable default
   # provider"); a registry for the image lessons; a browser for the lab's end-to-end test;
-  # the real docker CLI, a client of labkitd's Engine API (its dockerd is never started).
+  # the real docker CLI, a client of labkitd's Engine API (its dockerd is never started);
+  # strace, which times runc's start, phase by phase, in notebook 12.
   pkgs+=(shellcheck systemd)
-  tools=(vagrant vagrant-libvirt docker-registry chromium chromium-driver podman openssl docker.io)
+  tools=(vagrant vagrant-libvirt docker-registry chromium chromium-driver podman openssl docker.io strace)
   if [ "${ID}:${VERSION_ID:-}" = debian:12 ]; then
     pkgs+=("${tools[@]}")  # CI's system: every test tool is required, so that no test skips
   else
