@@ -309,4 +309,64 @@ WRONG: dict[str, list[str]] = {
         'return "FROM busybox\\nCOPY deps.txt /app/deps.txt\\nCOPY app.sh /app/app.sh\\n"'
         ' "RUN sleep 1 && cp /app/deps.txt /app/installed\\n"  # app.sh still above the RUN',
     ],
+    # --- 12: the Engine API, by hand
+    "12.1": [
+        'with socket.socket(socket.AF_UNIX) as s:\n'
+        '    s.connect(path)\n'
+        '    s.sendall(b"GET /containers/json?all=1 HTTP/1.1\\r\\nHost: docker\\r\\nConnection: close\\r\\n\\r\\n")  # no /v1.41\n'
+        '    data = b""\n'
+        '    while piece := s.recv(65536):\n'
+        '        data += piece\n'
+        'return json.loads(data.partition(b"\\r\\n\\r\\n")[2])',
+        'with socket.socket(socket.AF_UNIX) as s:\n'
+        '    s.connect(path)\n'
+        '    s.sendall(b"GET /v1.41/containers/json HTTP/1.1\\r\\nHost: docker\\r\\nConnection: close\\r\\n\\r\\n")  # running ones only\n'
+        '    data = b""\n'
+        '    while piece := s.recv(65536):\n'
+        '        data += piece\n'
+        'return json.loads(data.partition(b"\\r\\n\\r\\n")[2])',
+        'with socket.socket(socket.AF_UNIX) as s:\n'
+        '    s.connect(path)\n'
+        '    s.sendall(b"GET /v1.41/containers/json?all=1 HTTP/1.1\\r\\nHost: docker\\r\\nConnection: close\\r\\n\\r\\n")\n'
+        '    data = b""\n'
+        '    while piece := s.recv(65536):\n'
+        '        data += piece\n'
+        'return data.partition(b"\\r\\n\\r\\n")[2]  # the bytes of the body, not parsed',
+        'with socket.socket(socket.AF_UNIX) as s:\n'
+        '    s.connect(path)\n'
+        '    s.sendall(b"GET /v1.41/containers/json?all=1 HTTP/1.1\\r\\nHost: docker\\r\\n\\r\\n")  # keep-alive: no end comes\n'
+        '    data = b""\n'
+        '    while piece := s.recv(65536):\n'
+        '        data += piece\n'
+        'return json.loads(data.partition(b"\\r\\n\\r\\n")[2])',
+    ],
+    "12.2": [
+        'return {"Image": "busybox", "Cmd": ["echo", "hi"], "Env": ["GREETING=hi"],\n'
+        '        "HostConfig": {"AutoRemove": True, "Memory": "64m"}}  # the CLI\'s spelling, not bytes',
+        'return {"Image": "busybox", "Cmd": ["echo", "hi"], "Env": ["GREETING=hi"],\n'
+        '        "HostConfig": {"AutoRemove": True, "Memory": 64_000_000}}  # MB, not MiB',
+        'return {"Image": "busybox", "Cmd": ["echo", "hi"], "Env": ["GREETING=hi"], "AutoRemove": True,\n'
+        '        "HostConfig": {"Memory": 64 * 1024 * 1024}}  # AutoRemove outside HostConfig',
+        'return {"Image": "busybox", "Cmd": "echo hi", "Env": ["GREETING=hi"],  # one string, not a list\n'
+        '        "HostConfig": {"AutoRemove": True, "Memory": 64 * 1024 * 1024}}',
+    ],
+    "12.3": [
+        'out = {1: b"", 2: b""}\n'
+        'i = 0\n'
+        'while i + 8 <= len(data):\n'
+        '    stream, size = data[i], int.from_bytes(data[i + 4:i + 8], "little")  # little-endian\n'
+        '    out[stream] = out.get(stream, b"") + data[i + 8:i + 8 + size]\n'
+        '    i += 8 + size\n'
+        'return out[1], out[2]',
+        'out = b""\n'
+        'i = 0\n'
+        'while i + 8 <= len(data):\n'
+        '    size = int.from_bytes(data[i + 4:i + 8], "big")\n'
+        '    out += data[i + 8:i + 8 + size]  # every frame counted as stdout\n'
+        '    i += 8 + size\n'
+        'return out, b""',
+        'stream, size = data[0], int.from_bytes(data[4:8], "big")  # the first frame only\n'
+        'payload = data[8:8 + size]\n'
+        'return (payload, b"") if stream == 1 else (b"", payload)',
+    ],
 }

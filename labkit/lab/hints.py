@@ -298,6 +298,41 @@ HINTS: dict[str, Hint] = {
         "(the dependency list and the step that installs it) above what changes often.",
         "FROM busybox\nCOPY deps.txt ...\nRUN ... (the same command)\nCOPY app.sh ...",
     ),
+    "12.1": Hint(
+        "unix(7), socket.AF_UNIX; RFC 9112 (HTTP/1.1); Engine API 1.41: ContainerList",
+        "An HTTP/1.1 request is text: a request line (method, path with its query, protocol), "
+        "header lines, then an empty line, each line ending in CRLF. The CLI's paths carry the API "
+        "version it agreed on at /_ping, and the list has a query parameter for containers that do "
+        "not run. With Connection: close the server closes after its answer, so reading until recv() "
+        "gives nothing reads the whole answer. The first empty line ends the head; the JSON body follows.",
+        "with socket.socket(socket.AF_UNIX) as s:\n"
+        "    s.connect(path)\n"
+        '    s.sendall(b"GET /v1.41/containers/json?all=1 HTTP/1.1\\r\\nHost: docker\\r\\nConnection: close\\r\\n\\r\\n")\n'
+        "    ...  # data += s.recv(65536) until it returns b\"\"\n"
+        'return json.loads(data.partition(b"\\r\\n\\r\\n")[2])',
+    ),
+    "12.2": Hint(
+        "Engine API 1.41: ContainerCreate (Config, HostConfig); the body the CLI sent, above",
+        "The body is the container's Config with a HostConfig inside: what belongs to the process "
+        "(the image, the command, its environment) at the top, what the host does for it (remove it "
+        "after the exit, limit its memory) in HostConfig. A command is a list of arguments, as "
+        "execve(2) takes it; a size is a number of bytes, and Docker's m means MiB.",
+        'return {"Image": "busybox", "Cmd": [...], "Env": ["GREETING=hi"],\n'
+        '        "HostConfig": {"AutoRemove": True, "Memory": 64 * 1024 * 1024}}',
+    ),
+    "12.3": Hint(
+        "Engine API 1.41: ContainerAttach, the stream format; int.from_bytes",
+        "The data is frames one after the other. Each starts with an 8-byte header: byte 0 names "
+        "the stream (1 stdout, 2 stderr), bytes 1 to 3 are zero, bytes 4 to 7 are the payload's "
+        "length as an unsigned 32-bit number with the most significant byte first (big-endian, "
+        "network order). The payload follows the header, and the next header follows the payload. "
+        "Add every payload to the bytes of its stream.",
+        "i = 0\n"
+        "while i + 8 <= len(data):\n"
+        '    stream, size = data[i], int.from_bytes(data[i + 4:i + 8], "big")\n'
+        "    ...  # the payload: data[i + 8:i + 8 + size]\n"
+        "    i += 8 + size",
+    ),
 }
 
 _ID = re.compile(r"^\d{2}\.\d{1,2}$")
