@@ -49,7 +49,8 @@ ARCH=$(dpkg --print-architecture)
 # --- system packages --------------------------------------------------------------
 pkgs=(python3 python3-venv python3-dev gcc make git ca-certificates
       iproute2 nftables kmod cpio zstd e2fsprogs util-linux procps psmisc
-      busybox-static runc debootstrap iperf3 skopeo umoci)
+      busybox-static runc debootstrap iperf3 skopeo umoci
+      docker.io strace)  # the docker CLI talks to labkitd's Engine API; strace times runc (notebook 12)
 case "$ARCH" in
   amd64) pkgs+=(qemu-system-x86) ;;
   arm64) pkgs+=(qemu-system-arm) ;;
@@ -64,11 +65,9 @@ if [ "$DEV" = 1 ]; then
   # What the test suite runs besides labkit: shellcheck; systemd-analyze (package systemd)
   # verifies the service units; vagrant with the libvirt provider plugin validates the
   # Vagrantfile (without a provider plugin `vagrant validate` finds "no usable default
-  # provider"); a registry for the image lessons; a browser for the lab's end-to-end test;
-  # the real docker CLI, a client of labkitd's Engine API (its dockerd is never started);
-  # strace, which times runc's start, phase by phase, in notebook 12.
+  # provider"); a registry for the image lessons; a browser for the lab's end-to-end test.
   pkgs+=(shellcheck systemd)
-  tools=(vagrant vagrant-libvirt docker-registry chromium chromium-driver podman openssl docker.io strace)
+  tools=(vagrant vagrant-libvirt docker-registry chromium chromium-driver podman openssl)
   if [ "${ID}:${VERSION_ID:-}" = debian:12 ]; then
     pkgs+=("${tools[@]}")  # CI's system: every test tool is required, so that no test skips
   else
@@ -103,6 +102,11 @@ if [ ${#missing[@]} -gt 0 ] || [ ${#opt_missing[@]} -gt 0 ]; then
   for p in "${opt_missing[@]}"; do
     apt-get install -y -q --no-install-recommends "$p" || say "optional package $p is not available here; skipped"
   done
+  # docker.io also brings dockerd, which the course never runs (labkitd is its engine):
+  # where this run installed it and systemd runs, it stays off at boot too
+  if [[ " ${missing[*]} " == *" docker.io "* ]] && [ -d /run/systemd/system ]; then
+    systemctl mask --quiet docker.service docker.socket
+  fi
 else
   say "system packages: all present"
 fi
