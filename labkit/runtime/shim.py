@@ -176,6 +176,12 @@ def _fork_init(state: State, spec: Spec, root: str, cg, stdio: Stdio, pipes: tup
             syscalls.prctl(syscalls.Prctl.PR_SET_PDEATHSIG, signal.SIGKILL)
         if pty_master is not None:
             os.close(pty_master)
+        if state.detached and console is None:
+            # A session of its own, inside its PID namespace, as runc's init has: the
+            # shim's session lies outside it, and criu checkpoints only a process tree
+            # that holds its session leader (checkpoint.py). With a terminal, set_stdio
+            # makes the session.
+            os.setsid()
         set_stdio(stdio, console is not None)
         # init's modules load here, in the child, while the shim moves it into its cgroup:
         # instead of in the parent before the fork, where `labkit run` would wait for them
