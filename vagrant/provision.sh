@@ -65,9 +65,10 @@ if [ "$DEV" = 1 ]; then
   # What the test suite runs besides labkit: shellcheck; systemd-analyze (package systemd)
   # verifies the service units; vagrant with the libvirt provider plugin validates the
   # Vagrantfile (without a provider plugin `vagrant validate` finds "no usable default
-  # provider"); a registry for the image lessons; a browser for the lab's end-to-end test.
+  # provider"); a registry for the image lessons; a browser for the lab's end-to-end test;
+  # criu for checkpoint/restore (its round trips run in labkit's VM, on Debian 12's kernel).
   pkgs+=(shellcheck systemd)
-  tools=(vagrant vagrant-libvirt docker-registry chromium chromium-driver podman openssl)
+  tools=(vagrant vagrant-libvirt docker-registry chromium chromium-driver podman openssl criu)
   if [ "${ID}:${VERSION_ID:-}" = debian:12 ]; then
     pkgs+=("${tools[@]}")  # CI's system: every test tool is required, so that no test skips
   else

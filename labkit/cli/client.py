@@ -33,7 +33,7 @@ from labkit.engine import protocol
 # The commands labkitd runs: the container commands. doctor, cleanup, vm and daemon
 # itself always run in the caller's own process.
 SERVED = frozenset({"run", "ps", "exec", "logs", "stop", "kill", "rm", "pause", "unpause", "stats",
-                    "inspect", "images", "runtime", "port", "network",
+                    "inspect", "images", "runtime", "port", "network", "checkpoint", "restore",
                     # images, as dockerd builds and pulls: the worker reads the build context
                     # and writes -o files from the caller's working directory
                     "pull", "push", "load", "save", "tag", "build", "history", "rmi", "image", "commit"})  # fmt: skip

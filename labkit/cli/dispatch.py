@@ -36,6 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pause": ("labkit.cli.containers", "Freeze every process of containers"),
     "unpause": ("labkit.cli.containers", "Thaw paused containers"),
     "stats": ("labkit.cli.containers", "Live CPU, memory and pids of containers"),
+    "checkpoint": ("labkit.cli.checkpoint", "Save a running container to files with CRIU (and stop it)"),
+    "restore": ("labkit.cli.checkpoint", "Bring a checkpointed container back, running where it was"),
     "inspect": ("labkit.cli.containers", "Show a container or image as JSON"),
     "images": ("labkit.cli.containers", "List images"),
     "network": ("labkit.cli.networks", "Create, list, inspect and remove networks"),

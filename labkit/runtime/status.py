@@ -8,6 +8,12 @@ allows, never a silent no-op.
                             |                  ^  <----resume----  |
                             |                  |                   |
                             +--kill/stop/exit--+--kill/stop/exit---+--> stopped --delete--> (gone)
+                                               ^                              |
+                                               +-------------restore----------+
+
+``checkpoint`` (checkpoint.py) saves a running container with criu; unless asked to
+leave it running, criu then kills it and the monitor records the exit, as for any
+other end. ``restore`` brings a stopped container with a checkpoint back to running.
 
 Reference: opencontainers/runtime-spec runtime.md ("Lifecycle"); youki's container status.
 Layer: runtime. Used by container.py and shim.py (the lifecycle) and by the CLI.
@@ -42,6 +48,8 @@ TRANSITIONS: dict[str, tuple[tuple[Status, ...], Status | None]] = {
     "stop": ((*ACTIVE, Status.STOPPED), Status.STOPPED),  # SIGTERM, later SIGKILL
     "kill": (ACTIVE, None),  # the signal's effect, if any, is recorded as "exit"
     "exec": ((Status.RUNNING,), None),  # one more process; the status stays
+    "checkpoint": ((Status.RUNNING,), None),  # criu dump; the kill that may follow is an "exit"
+    "restore": ((Status.STOPPED,), Status.RUNNING),  # criu restore of the checkpoint
     "delete": ((Status.CREATED, Status.STOPPED), None),  # the state goes with it
 }
 
