@@ -47,10 +47,11 @@ esac
 ARCH=$(dpkg --print-architecture)
 
 # --- system packages --------------------------------------------------------------
+# (docker.io: the docker CLI, a client of labkitd's Engine API; strace times runc's start,
+# notebook 12; criu checkpoints and restores a container, notebook 07)
 pkgs=(python3 python3-venv python3-dev gcc make git ca-certificates
       iproute2 nftables kmod cpio zstd e2fsprogs util-linux procps psmisc
-      busybox-static runc debootstrap iperf3 skopeo umoci
-      docker.io strace)  # the docker CLI talks to labkitd's Engine API; strace times runc (notebook 12)
+      busybox-static runc debootstrap iperf3 skopeo umoci docker.io strace criu)
 case "$ARCH" in
   amd64) pkgs+=(qemu-system-x86) ;;
   arm64) pkgs+=(qemu-system-arm) ;;
@@ -65,10 +66,9 @@ if [ "$DEV" = 1 ]; then
   # What the test suite runs besides labkit: shellcheck; systemd-analyze (package systemd)
   # verifies the service units; vagrant with the libvirt provider plugin validates the
   # Vagrantfile (without a provider plugin `vagrant validate` finds "no usable default
-  # provider"); a registry for the image lessons; a browser for the lab's end-to-end test;
-  # criu for checkpoint/restore (its round trips run in labkit's VM, on Debian 12's kernel).
+  # provider"); a registry for the image lessons; a browser for the lab's end-to-end test.
   pkgs+=(shellcheck systemd)
-  tools=(vagrant vagrant-libvirt docker-registry chromium chromium-driver podman openssl criu)
+  tools=(vagrant vagrant-libvirt docker-registry chromium chromium-driver podman openssl)
   if [ "${ID}:${VERSION_ID:-}" = debian:12 ]; then
     pkgs+=("${tools[@]}")  # CI's system: every test tool is required, so that no test skips
   else
