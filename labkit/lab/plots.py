@@ -128,8 +128,14 @@ def figure(
     plt = _pyplot()
     fig, axes = plt.subplots(nrows, ncols, figsize=size, squeeze=False)
     fig.suptitle(title, fontsize=13, fontweight="bold")
-    # the footer wrapped to the figure's width (~18 characters an inch at 7.5 pt)
-    lines = textwrap.wrap(f"{what} | {machine()}", width=int(size[0] * 18))
+    # the footer wrapped to the figure's width (~18 characters an inch at 7.5 pt); the
+    # machine stays whole, on the last line
+    width = int(size[0] * 18)
+    lines = textwrap.wrap(what, width=width) or [""]
+    if len(lines[-1]) + 3 + len(machine()) <= width:
+        lines[-1] += f" | {machine()}"
+    else:
+        lines.append(machine())
     fig.text(0.01, 0.01, "\n".join(lines), fontsize=7.5, color="#555555", ha="left", va="bottom")
     fig.footer_height = (0.02 + 0.14 * len(lines)) / size[1]  # of the figure's height: 7.5 pt lines
     axes = axes[0][0] if nrows == ncols == 1 and not grid else axes
