@@ -98,6 +98,8 @@ def test_detached_ps_logs_exec_stop_rm_and_images(api):
     assert "web" in labkit("ps").stdout  # the same container, seen by labkit's own client
     r = docker(api, "exec", "web", "sh", "-c", "echo in exec; echo to err >&2; exit 4")
     assert (r.returncode, r.stdout, r.stderr) == (4, "in exec\n", "to err\n")  # stdout and stderr apart
+    r = docker(api, "exec", "web", "no-such-command")  # said on the stream, and its exit code
+    assert r.returncode == 127 and "no-such-command" in r.stderr, r
     assert docker(api, "pause", "web").returncode == 0
     assert "(Paused)" in docker(api, "ps").stdout and "Paused" in labkit("ps").stdout
     assert docker(api, "unpause", "web").returncode == 0

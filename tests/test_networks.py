@@ -134,6 +134,16 @@ def test_default_bridge_gives_an_address_a_route_and_docker_s_etc_files():
     assert leftovers() == []  # --rm released the lease, the veth and the namespace
 
 
+def test_exec_joins_the_containers_network_namespace():
+    cid = run_d("busybox", "sleep", "60")
+    try:
+        inside = labkit("run", "--rm", "--network", f"container:{cid}", "busybox", "ls", "/sys/class/net").stdout
+        r = labkit("exec", cid, "ls", "/sys/class/net")
+        assert r.returncode == 0 and r.stdout.split() == inside.split() == ["eth0", "lo"], (r.stdout, inside)
+    finally:
+        labkit("rm", "-f", cid)
+
+
 def test_network_none_and_host():
     r = labkit("run", "--rm", "--network", "none", "busybox", "sh", "-c", "ls /sys/class/net; cat /etc/hosts")
     assert r.returncode == 0 and r.stdout.split()[0] == "lo" and "127.0.0.1" in r.stdout, r.stderr

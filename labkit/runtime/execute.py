@@ -56,10 +56,12 @@ def exec_in(
         changes.update(uid=uid, gid=gid if gid is not None else uid)
     spec = base.replace(**changes).validate()
     cg = cgroups.open(state.cgroup)
-    # open the namespace files now: if init dies meanwhile, they still name its namespaces
+    # open the namespace files now: if init dies meanwhile, they still name its namespaces;
+    # the ones it joined by path count too (the engine's network namespace, --network container:)
+    joined = {ns for ns, _ in spec.namespace_paths}
     ns_fds = {}
     for ns in _ORDER:
-        if ns in spec.namespaces:
+        if ns in spec.namespaces or ns in joined:
             ns_fds[ns] = os.open(f"/proc/{state.pid}/ns/{NAMESPACES[ns]}", os.O_RDONLY | os.O_CLOEXEC)
     err_r, err_w = os.pipe()
     stdio = stdio or Stdio(0, 1, 2)

@@ -412,6 +412,11 @@ def exec_start(req: Request, out: Responder) -> None:
     uid = gid = None
     if cfg["user"]:
         uid, gid = runflags.user_ids(cfg["user"], [f"/proc/{container.load(cid).pid}/root"])
+    # The 101 goes out before the process starts: a client reads the answer's headers
+    # through a buffer, and output sent right behind them could land in that buffer
+    # instead of the stream it reads next (docker-py does so)
+    detach = bool((req.json({}) or {}).get("Detach"))
+    sock = None if detach else out.hijack(multiplexed=not record["Tty"])
     null = os.open(os.devnull, os.O_RDONLY)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -419,12 +424,20 @@ def exec_start(req: Request, out: Responder) -> None:
         pid = execute.exec_in(cid, [cfg["entrypoint"], *cfg["arguments"]], env=record["Env"],
                               cwd=record["WorkingDir"] or None, uid=uid, gid=gid,
                               stdio=container.Stdio(null, out_w, err_w), wait=False)  # fmt: skip
+    except LabkitError as err:  # the command cannot run: said on the stream, as dockerd does
+        os.close(out_r)
+        os.close(err_r)
+        code = getattr(err, "exit_code", 126)
+        path.write_text(json.dumps({**record, "ExitCode": code}))
+        if sock is None:
+            raise
+        sock.sendall(http.frame(http.STDERR, f"{err.one_line()}\n".encode()) if not record["Tty"]
+                     else f"{err.one_line()}\r\n".encode())  # fmt: skip
+        return
     finally:
         for fd in (null, out_w, err_w):
             os.close(fd)
     path.write_text(json.dumps({**record, "Running": True, "Pid": pid}))
-    detach = bool((req.json({}) or {}).get("Detach"))
-    sock = None if detach else out.hijack(multiplexed=not record["Tty"])
     if detach:
         out.send(200)
     streams = {out_r: http.STDOUT, err_r: http.STDERR}
