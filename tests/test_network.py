@@ -412,6 +412,19 @@ def test_bad_input_is_one_line_and_creates_nothing(tid, canary):
         assert [link.name for link in net.links(ns)] == ["lo", "eth1"]
 
 
+def test_a_second_create_keeps_the_rules_networks_added(tid, canary):
+    """Every network's ensure() calls create(): the second network's must not wipe the
+    first one's loopback jump, nor double the untagged ones."""
+    with net.Table(f"labkit-t{tid}") as table:
+        table.publish_loopback(f"lk{tid}a", tag=f"lk{tid}a")
+        before = sorted((r.chain, r.tag, r.text) for r in table.rules())
+        table.create()
+        assert sorted((r.chain, r.tag, r.text) for r in table.rules()) == before
+        assert [r.tag for r in table.rules() if r.chain == "output"].count(f"lk{tid}a") == 1
+        assert [r.tag for r in table.rules() if r.chain == "output"].count("") == 1
+    assert canary.alive()
+
+
 def test_cleanup_removes_our_namespaces_links_and_table(tid, canary):
     """cleanup's network step, narrowed to this test's names: the real `labkit cleanup`
     would also remove other test runs' objects on this machine."""

@@ -231,17 +231,19 @@ class Table:
 
         published = {"jump": {"target": "published"}}
         not_loopback = _match(_ip("daddr"), {"prefix": {"addr": "127.0.0.0", "len": 8}}, "!=")
-        # the table's rules are rewritten from scratch: a second create() must not double them
         nft([{"add": {"table": {"family": FAMILY, "name": self.name}}},
              {"add": {"chain": self._obj(name="published")}},
              base("prerouting", "nat", "prerouting", -100),  # dstnat
              base("output", "nat", "output", -100),
              base("postrouting", "nat", "postrouting", 100),  # srcnat
-             base("forward", "filter", "forward", 0),
-             {"flush": {"chain": self._obj(name="prerouting")}},
-             {"flush": {"chain": self._obj(name="output")}},
-             self._rule("prerouting", [LOCAL, published], ""),
-             self._rule("output", [not_loopback, LOCAL, published], "")], self.netns)
+             base("forward", "filter", "forward", 0)], self.netns)
+        # the two untagged jumps into `published`, once: a second create() must neither
+        # double them nor touch the tagged rules that networks added beside them
+        have = {r.chain for r in self.rules() if not r.tag}
+        wanted = [("prerouting", [LOCAL, published]), ("output", [not_loopback, LOCAL, published])]
+        missing = [self._rule(chain, expr, "") for chain, expr in wanted if chain not in have]
+        if missing:
+            nft(missing, self.netns)
         return self
 
     def exists(self) -> bool:
