@@ -7,6 +7,8 @@ made by these rules alone.
 - ``/var/lib/labkit``: images, layers, container directories (kept across reboots).
 - ``/run/labkit``: live state: mounts, pid files (gone after a reboot, like /run/runc).
 - ``LABKIT_ROOT=/some/dir`` moves both, to ``/some/dir/lib`` and ``/some/dir/run``.
+- Rootless (an ordinary user, as podman without sudo): ``~/.local/share/labkit``
+  (``$XDG_DATA_HOME``) and ``$XDG_RUNTIME_DIR/labkit`` (or ``~/.cache/labkit/run``).
 
 Layer: used by every layer; imports nothing from labkit.
 """
@@ -33,16 +35,30 @@ def _env_root() -> Path | None:
     return Path(root) if root else None
 
 
+def rootless() -> bool:
+    """labkit runs as an ordinary user: containers in user namespaces, state in their home."""
+    return os.geteuid() != 0
+
+
 def lib_root() -> Path:
     """Persistent state: images, layers, container directories."""
     root = _env_root()
-    return root / "lib" if root else Path("/var/lib/labkit")
+    if root:
+        return root / "lib"
+    if rootless():
+        return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "labkit"
+    return Path("/var/lib/labkit")
 
 
 def run_root() -> Path:
     """Live state: mount points, pid files, sockets."""
     root = _env_root()
-    return root / "run" if root else Path("/run/labkit")
+    if root:
+        return root / "run"
+    if rootless():
+        runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+        return Path(runtime_dir) / "labkit" if runtime_dir else Path.home() / ".cache" / "labkit" / "run"
+    return Path("/run/labkit")
 
 
 def api_socket() -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 _SESSION_ROOT = Path(tempfile.mkdtemp(prefix="labkit-test-"))
+_SESSION_ROOT.chmod(0o711)  # as /var/lib is: a --userns=auto container's root must pass through
 os.environ.setdefault("LABKIT_ROOT", str(_SESSION_ROOT))
 _TESTS_ROOT = os.environ["LABKIT_ROOT"]  # the state root the tests share
 REPO = Path(__file__).resolve().parent.parent

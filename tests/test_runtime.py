@@ -84,9 +84,22 @@ def test_spec_validation_names_the_bad_value(change, word):
     assert word in str(info.value)
 
 
-def test_spec_rejects_user_namespaces_and_missing_bind_sources():
-    with pytest.raises(Unsupported):
+def test_spec_checks_user_namespaces_and_rejects_missing_bind_sources():
+    with pytest.raises(InvalidValue, match="needs both: uidMappings and gidMappings"):
         Spec.docker(["true"], namespaces=("mount", "user")).validate()
+    with pytest.raises(InvalidValue, match="id maps need"):  # maps without a user namespace
+        Spec.docker(["true"], uid_map=((0, 1000, 1),), gid_map=((0, 1000, 1),)).validate()
+    with pytest.raises(InvalidValue, match="do not overlap"):
+        Spec.docker(["true"], namespaces=("mount", "user"), uid_map=((0, 1000, 10), (5, 2000, 10)),
+                    gid_map=((0, 1000, 1),)).validate()  # fmt: skip
+    with pytest.raises(Unsupported, match="joining a user namespace"):
+        Spec.docker(["true"], namespace_paths=(("user", "/proc/self/ns/user"),)).validate()
+    with pytest.raises(Unsupported, match="joining a pid namespace together with a new user"):
+        Spec.docker(["true"], namespaces=("mount", "user"), uid_map=((0, 1000, 1),), gid_map=((0, 1000, 1),),
+                    namespace_paths=(("pid", "/proc/self/ns/pid"),)).validate()  # fmt: skip
+    ok = Spec.docker(["true"], namespaces=("mount", "user"), uid_map=((0, 1000, 10),), gid_map=((0, 2000, 10),))
+    assert ok.validate().root_ids() == (1000, 2000)
+    assert Spec.from_oci(ok.to_oci()) == ok
     with pytest.raises(NotFound, match="/no/such/dir"):
         Spec.docker(["true"], mounts=(Mount("/x", "bind", "/no/such/dir", ("rbind",)),)).validate()
     with pytest.raises(InvalidValue, match="needs its own mount namespace"):  # before anything is created

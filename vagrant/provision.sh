@@ -51,7 +51,7 @@ ARCH=$(dpkg --print-architecture)
 # notebook 12; criu checkpoints and restores a container, notebook 07)
 pkgs=(python3 python3-venv python3-dev gcc make git ca-certificates
       iproute2 nftables kmod cpio zstd e2fsprogs util-linux procps psmisc
-      busybox-static runc debootstrap iperf3 skopeo umoci docker.io strace)
+      busybox-static runc debootstrap iperf3 skopeo umoci docker.io strace uidmap)
 case "$ARCH" in
   amd64) pkgs+=(qemu-system-x86) ;;
   arm64) pkgs+=(qemu-system-arm) ;;
@@ -165,6 +165,17 @@ put /usr/local/bin/labkit-lab 0755 <<EOF || true
 # JupyterLab for the labkit course: 'labkit-lab url' prints the address with the token.
 exec "$VENV/bin/python" -m labkit.lab.jupyter "\$@"
 EOF
+
+# --- subordinate ids for --userns=auto ------------------------------------------------
+# `labkit run --userns=auto` gives each container a slice of 65536 host ids from the range
+# /etc/subuid and /etc/subgid name for labkit (labkit/engine/userns.py). 16 slices, far
+# above the ranges useradd hands to people (from 100000 on, and it skips taken ones).
+for f in /etc/subuid /etc/subgid; do
+  if ! grep -q '^labkit:' "$f" 2>/dev/null; then
+    echo "labkit:1000000:1048576" >> "$f"
+    say "added labkit:1000000:1048576 to $f"
+  fi
+done
 
 # --- JupyterLab: token and kernel -------------------------------------------------
 # The token is made once and kept (/etc/labkit/jupyter_token, 0600); the `labkit`

@@ -33,7 +33,7 @@ from labkit.engine import protocol
 # The commands labkitd runs: the container commands. doctor, cleanup, vm and daemon
 # itself always run in the caller's own process.
 SERVED = frozenset({"run", "ps", "exec", "logs", "stop", "kill", "rm", "pause", "unpause", "stats",
-                    "inspect", "images", "runtime", "port", "network", "checkpoint", "restore",
+                    "inspect", "images", "runtime", "port", "network", "checkpoint", "restore", "top",
                     # images, as dockerd builds and pulls: the worker reads the build context
                     # and writes -o files from the caller's working directory
                     "pull", "push", "load", "save", "tag", "build", "history", "rmi", "image", "commit"})  # fmt: skip
@@ -44,8 +44,8 @@ def via_daemon(argv: list[str]) -> int | None:
     """Run the command in labkitd; its exit code, or None to run it in this process."""
     # bytes to bytes; os.environb if os is loaded (it has the changes made since start)
     environ = sys.modules["os"].environb if "os" in sys.modules else posix.environ
-    if not argv or argv[0] not in SERVED or environ.get(b"LABKIT_NO_DAEMON"):
-        return None
+    if not argv or argv[0] not in SERVED or environ.get(b"LABKIT_NO_DAEMON") or posix.geteuid() != 0:
+        return None  # (labkitd serves root only: rootless commands run here, in the user's own state)
     if _is_tty(0) and (argv[0] == "runtime" or any(map(_interactive, argv[1:]))):
         return None
     conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)

@@ -103,7 +103,8 @@ def _each(refs: list[str], action) -> int:
 
 
 def network_hooks() -> None:
-    """Have every delete in this process (and its shims) release the container's network."""
+    """Have every delete in this process (and its shims) release the container's network
+    (and its --userns=auto ids)."""
     from labkit.runtime import container
 
     if _release_network not in container.POSTSTOP:
@@ -111,12 +112,14 @@ def network_hooks() -> None:
 
 
 def _release_network(container_id: str) -> None:
+    """The container's network, and its slice of host ids (--userns=auto, engine/userns.py)."""
     from labkit import paths
 
     if (paths.endpoints_dir() / f"{container_id}.json").exists():  # no import when there is none
         from labkit.engine import endpoints
 
         endpoints.release(container_id)
+    (paths.images_dir() / "userns" / "leases" / container_id).unlink(missing_ok=True)
 
 
 # -- the other verbs ----------------------------------------------------------------------

@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ps": ("labkit.cli.containers", "List containers"),
     "exec": ("labkit.cli.containers", "Run a command in a running container"),
     "logs": ("labkit.cli.containers", "Show a container's output"),
+    "top": ("labkit.cli.top", "Show a container's processes, with host and container ids"),
     "port": ("labkit.cli.containers", "List a container's published ports"),
     "stop": ("labkit.cli.containers", "Stop containers (SIGTERM, then SIGKILL)"),
     "kill": ("labkit.cli.containers", "Send a signal to containers"),

@@ -69,8 +69,12 @@ def add_arguments(command: str, p: argparse.ArgumentParser) -> None:
                    help="seccomp=unconfined, seccomp=PROFILE.json (Docker's format), no-new-privileges")
     p.add_argument("--privileged", action="store_true",
                    help="all capabilities, no seccomp, no masked paths, the host's devices")
-    p.add_argument("--network", "--net", default="bridge",
-                   help="bridge (default), none (only lo), host, container:NAME or a network's name")
+    p.add_argument("--userns", default="host",
+                   help="host (default), or auto: root inside is an unprivileged host uid from /etc/subuid")
+    p.add_argument("--cgroupns", default="host",
+                   help="host (default), or private: the container sees its own cgroup as /")
+    p.add_argument("--network", "--net",
+                   help="bridge (default; rootless: none), none (only lo), host, container:NAME or a network's name")
     p.add_argument("-p", "--publish", action="append", default=[], help="[IP:]HOST:CONTAINER[/tcp|udp]")
     p.add_argument("-P", "--publish-all", action="store_true", help="publish the image's exposed ports")
     p.add_argument("--entrypoint", help="the program to run instead of the image's ENTRYPOINT")
@@ -142,7 +146,10 @@ def _released_on_failure(container_id: str):
         from labkit.runtime.state import container_dir
 
         if not container_dir(container_id).exists():  # create failed early: nothing else releases it
+            from labkit.engine import userns
+
             endpoints.release(container_id)
+            userns.release(container_id)
         raise
 
 

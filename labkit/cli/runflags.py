@@ -14,8 +14,9 @@ import argparse
 import dataclasses
 import os
 
+from labkit import paths
 from labkit.engine import images
-from labkit.errors import InvalidValue, NotFound
+from labkit.errors import InvalidValue, LabkitError, NotFound
 from labkit.kernel import seccomp, security
 from labkit.kernel.cgroups import Limits
 from labkit.runtime import state as st
@@ -26,6 +27,11 @@ from labkit.runtime.spec import DEFAULT_PATH, Mount, Spec, docker_mounts
 def build_spec(args: argparse.Namespace, container_id: str):
     """The Spec for `labkit run`'s flags, and the image; everything is checked."""
     timing.mark("image")  # with LABKIT_TIMING: the image's config and layers, then the spec
+    if not args.network:  # rootless there is no bridge (it needs root): a network of its own, lo only
+        args.network = "none" if paths.rootless() else "bridge"
+    if paths.rootless() and args.network not in ("none", "host"):
+        raise InvalidValue("network", args.network, "none (the default rootless: only lo) or host: "
+                           "a bridge and its NAT rules need root")  # fmt: skip
     limits = Limits.parse(memory=args.memory, memory_swap=args.memory_swap, cpus=args.cpus,
                           cpu_shares=args.cpu_shares, pids=args.pids_limit)  # fmt: skip
     mode = network_mode(args.network)
@@ -51,15 +57,64 @@ def build_spec(args: argparse.Namespace, container_id: str):
     uid, gid = user_ids(args.user or cfg.user, image.layers)
     # a network namespace of its own only with --network none: the others join one (or the host's)
     namespaces = tuple(n for n in ("mount", "network", "uts", "pid", "ipc") if n != "network" or mode == "none")
+    if _choice("--cgroupns", getattr(args, "cgroupns", None) or "host", ("host", "private")) == "private":
+        namespaces += ("cgroup",)
+    layers = list(image.layers)
+    ids = {}
+    userns_mode = _choice("--userns", getattr(args, "userns", None) or "host", ("host", "auto"))
+    if paths.rootless():  # always a user namespace: the user's own uid is root in it
+        namespaces += ("user",)
+        ids = rootless_maps(args)
+    elif userns_mode == "auto":
+        if args.privileged:
+            raise InvalidValue("--userns with --privileged", "auto",
+                               "host: a privileged container is root of the host, it has no user namespace")
+        from labkit.engine import userns  # only --userns=auto needs it
+
+        owned = userns.allocate(container_id)  # a lease: run.py gives it back if the create fails
+        ids = {"uid_map": owned.uid_map(), "gid_map": owned.uid_map()}
+        namespaces += ("user",)
+        if userns.idmapped():  # the layers as they are, seen through the map
+            userns.check_reachable(st.data_dir(container_id).parent, owned)
+            ids["idmap_layers"] = True
+        else:  # a copy of each, owned by the slice's ids
+            layers = userns.shifted_layers(layers, owned)
     lib = st.data_dir(container_id)
     mounts = _base_mounts(args.privileged) + tuple(Mount(dst, "bind", src, ("rbind", "ro" if ro else "rw")) for src, dst, ro in volumes)
     return Spec(
         args=tuple(argv), env=tuple(env.values()), cwd=args.workdir or cfg.working_dir or "/", uid=uid, gid=gid,
         hostname=args.hostname or container_id[:12], rootfs=str(st.container_dir(container_id) / "rootfs"),
-        readonly=args.read_only, layers=tuple(str(p) for p in image.layers), upper=str(lib / "upper"),
+        readonly=args.read_only, layers=tuple(str(p) for p in layers), upper=str(lib / "upper"),
         work=str(lib / "work"), mounts=mounts, namespaces=namespaces, limits=limits if limits.given() else None,
-        terminal=args.tty,
+        terminal=args.tty, **ids,
     ).replace(**confinement).validate(), image  # fmt: skip
+
+
+def rootless_maps(args: argparse.Namespace) -> dict[str, object]:
+    """Rootless, as ``podman run`` without sudo: the user's own uid and gid are 0 inside,
+    and ids 1.. the subordinate range /etc/subuid and /etc/subgid give the user (written by
+    newuidmap/newgidmap); without one, the container has only root."""
+    import pwd  # (here: only rootless runs need it)
+
+    from labkit.engine import userns
+
+    if args.privileged:
+        raise InvalidValue("--privileged", "rootless", "root: a privileged container is root of the host (use sudo)")
+    user = pwd.getpwuid(os.geteuid()).pw_name
+    maps = {}
+    for key, path, own in (("uid_map", userns.SUBUID, os.geteuid()), ("gid_map", userns.SUBGID, os.getegid())):
+        try:
+            first, count = userns.subordinate(path, owner=user)
+            maps[key] = ((0, own, 1), (1, first, count))
+        except LabkitError:  # no range: root alone
+            maps[key] = ((0, own, 1),)
+    return maps
+
+
+def _choice(flag: str, value: str, accepted: tuple[str, ...]) -> str:
+    if value not in accepted:
+        raise InvalidValue(flag, value, " or ".join(accepted))
+    return value
 
 
 def security_options(opts: list[str], privileged: bool, caps: tuple[str, ...]) -> dict[str, object]:

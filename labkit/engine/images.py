@@ -55,6 +55,7 @@ from labkit import paths
 # image is made; `labkit run` of an image already in the store loads neither module.
 # Nor hashlib, tempfile or typing: they are imported where used.
 from labkit.errors import LabkitError, NotFound, StateError
+from labkit.engine import userns
 from labkit.kernel import safe
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
@@ -389,6 +390,7 @@ def remove(ref: str) -> None:
         (_store() / "configs" / f"{image_id.removeprefix('sha256:')}.json").unlink(missing_ok=True)
         for layer in image.layers:
             if layer not in still_used:
+                userns.remove_copies(layer)  # --userns=auto's chowned copies of it
                 safe.remove_tree(layer.parent, within=_store())
 
 
@@ -400,7 +402,7 @@ def _container_layers() -> set[Path]:
     found = set()
     for state in container.list_states():
         try:
-            found |= {Path(p) for p in container.spec_of(state.id).layers}
+            found |= {userns.original_of(Path(p)) for p in container.spec_of(state.id).layers}
         except LabkitError:  # removed meanwhile
             continue
     return found
@@ -419,7 +421,7 @@ def _layers_in_use(layer_dirs: list[Path]) -> list[Path]:
     for state in container.list_states():
         if state.status is not Status.STOPPED:
             try:
-                overlays.append(":".join(container.spec_of(state.id).layers))
+                overlays.append(":".join(str(userns.original_of(Path(p))) for p in container.spec_of(state.id).layers))
             except LabkitError:  # removed meanwhile
                 continue
     return [d for d in layer_dirs if any(str(d) in opts for opts in overlays)]

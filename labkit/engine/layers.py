@@ -201,7 +201,11 @@ def _unpack(reader: _HashingReader, tree: _Tree) -> Unpacked:
             base = parts[-1]
             parent = tree.dir(parts[:-1], member.name)
             if base == OPAQUE_MARKER:
-                os.setxattr(parent, OPAQUE_XATTR, b"y")
+                # trusted.* for overlayfs mounted by root; user.* for one mounted inside a
+                # user namespace (--userns=auto, rootless), which may read only those
+                if os.geteuid() == 0:
+                    os.setxattr(parent, OPAQUE_XATTR, b"y")
+                os.setxattr(parent, "user.overlay.opaque", b"y")
                 continue
             if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
                 skipped.append(member.name)  # aufs's own bookkeeping (.wh..wh.plnk ...)
@@ -222,20 +226,20 @@ def _unpack(reader: _HashingReader, tree: _Tree) -> Unpacked:
                 if not kept_dir:
                     os.mkdir(base, 0o700, dir_fd=parent)
                 fd = tree.dir(parts, member.name)
-                os.chown(fd, member.uid, member.gid)
+                _chown(fd, member.uid, member.gid)
                 os.chmod(fd, member.mode & 0o7777)
                 dir_times.append((parts, member.mtime))
             elif member.issym():
                 # The target is stored as written, never resolved: it only means
                 # something once the layer is the container's root.
                 os.symlink(member.linkname, base, dir_fd=parent)
-                os.chown(base, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
+                _chown(base, member.uid, member.gid, dir_fd=parent, follow_symlinks=False)
                 os.utime(base, (member.mtime, member.mtime), dir_fd=parent, follow_symlinks=False)
             elif member.islnk():
                 _hard_link(tree, member, parent, base)
             elif member.isfifo():
                 os.mkfifo(base, member.mode & 0o777, dir_fd=parent)
-                os.chown(base, member.uid, member.gid, dir_fd=parent)
+                _chown(base, member.uid, member.gid, dir_fd=parent)
             elif member.isreg():
                 size += _write_file(tar, member, parent, base)
             else:
@@ -248,6 +252,14 @@ def _unpack(reader: _HashingReader, tree: _Tree) -> Unpacked:
     return Unpacked("sha256:" + reader.sha.hexdigest(), entries, size, tuple(skipped))
 
 
+def _chown(target, uid: int, gid: int, **where) -> None:
+    """The member's owner. Rootless there is no other owner to give: every file stays the
+    user's, and in the container's user namespace the user's uid is root (0); a trusted.*
+    xattr is root's too, so an opaque directory is marked with user.overlay.opaque."""
+    if os.geteuid() == 0:
+        os.chown(target, uid, gid, **where)
+
+
 def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, parent: int, base: str) -> int:
     fd = os.open(base, _FILE_FLAGS, 0o600, dir_fd=parent)
     try:
@@ -256,7 +268,7 @@ def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, parent: int, base
         with open(fd, "wb", closefd=False) as out:
             shutil.copyfileobj(src, out, 1 << 20)
         # chown clears set-uid bits, so the mode goes on after it.
-        os.chown(fd, member.uid, member.gid)
+        _chown(fd, member.uid, member.gid)
         os.chmod(fd, member.mode & 0o7777)
         os.utime(fd, (member.mtime, member.mtime))
     finally:

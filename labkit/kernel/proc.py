@@ -48,6 +48,17 @@ def groups(pid: int | str) -> set[int]:
     return {int(g) for g in line.split()[1:]}
 
 
+def status(pid: int | str) -> dict[str, list[str]]:
+    """/proc/PID/status as {"Uid": ["0", "0", "0", "0"], "NSpid": ["812", "1"], ...}.
+
+    Ids are shown as the *reader's* user and PID namespaces see them: read from the host,
+    ``Uid`` is the host uid, and ``NSpid`` lists the pid in each PID namespace from the
+    reader's down to the process's own (the last one is what ``ps`` inside shows).
+    """
+    with open(f"/proc/{pid}/status") as f:
+        return {key: rest.split() for key, _, rest in (line.partition(":") for line in f)}
+
+
 def start_time(pid: int | str) -> int:
     """Field 22: when the process started, in clock ticks after boot."""
     return int(stat_fields(pid)[19])

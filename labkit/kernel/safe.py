@@ -145,6 +145,11 @@ def _remove_dir(parent_fd: int, name: str, dev: int, shown: Path) -> int:
         fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
     except FileNotFoundError:
         return 0
+    except PermissionError:
+        # Not root, and a directory we own but may not read (overlayfs leaves its work/work
+        # at mode 000): its owner may give the permission back, then open it
+        os.chmod(name, 0o700, dir_fd=parent_fd, follow_symlinks=False)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
     count = 0
     try:
         if os.fstat(fd).st_dev != dev:

@@ -22,6 +22,7 @@ import warnings
 from labkit.errors import SyscallError
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc_gil = ctypes.PyDLL(None, use_errno=True)
 
 
 class CloneFlags(enum.IntFlag):
@@ -151,6 +152,45 @@ def fork_as_pid1() -> int:
             return child
     finally:
         os.close(own)
+
+
+# clone(2) by number: glibc's wrapper wants a new stack and a function to run on it
+_SYS_CLONE = {"x86_64": 56, "aarch64": 220, "armv7l": 120, "riscv64": 220}
+
+
+def fork_into_user_namespace(pid_namespace: bool = True) -> int:
+    """fork() a child born in a new user namespace (and a new PID namespace it owns).
+
+    A process cannot give a user namespace to its children the way unshare(CLONE_NEWPID)
+    does ("for children"): unshare(CLONE_NEWUSER) moves the caller itself. So this is
+    clone(2) without a new stack, which returns twice like fork(): 0 in the child, its pid
+    in the parent. Both namespaces are made by the same call, so the PID namespace belongs
+    to the new user namespace, and root there may mount a /proc for it.
+
+    The child starts as uid 65534 (no mapping yet) with every capability *inside*; the
+    parent writes /proc/CHILD/uid_map and gid_map (user_namespaces(7)). A raw clone skips
+    Python's own fork bookkeeping, so the caller must have one thread only (a shim has).
+    """
+    nr = _SYS_CLONE.get(os.uname().machine)
+    if nr is None:
+        raise SyscallError(38, "clone", f"no syscall number for {os.uname().machine}")
+    flags = CloneFlags.CLONE_NEWUSER | (CloneFlags.CLONE_NEWPID if pid_namespace else 0)
+    with _pid_for_children:
+        # through PyDLL, which keeps the GIL during the call: no other Python thread is
+        # halfway through anything at the moment the child's copy of memory is taken
+        pid = _libc_gil.syscall(ctypes.c_long(nr), ctypes.c_ulong(int(flags) | 17), None, None, None, None)  # 17: SIGCHLD
+    if pid == -1:
+        err = ctypes.get_errno()
+        if os.geteuid() != 0 and err in (1, 13, 28):  # EPERM, EACCES, ENOSPC: the system says no
+            raise SyscallError(err, "clone", flag_names(flags, CloneFlags), _USERNS_OFF)
+        raise SyscallError(err, "clone", flag_names(flags, CloneFlags))
+    return pid
+
+
+# where a distribution turns unprivileged user namespaces off
+_USERNS_OFF = ("unprivileged user namespaces are off here: see sysctl user.max_user_namespaces (0 turns "
+               "them off), kernel.unprivileged_userns_clone (older Debian kernels) and "
+               "kernel.apparmor_restrict_unprivileged_userns (Ubuntu 24.04)")
 
 
 def unshare(flags: int) -> None:

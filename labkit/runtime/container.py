@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from labkit import paths, poll
-from labkit.errors import AlreadyExists, InvalidValue, LabkitError, NotFound, StateError
+from labkit.errors import AlreadyExists, InvalidValue, LabkitError, NotFound, StateError, Unsupported
 from labkit.kernel import cgroups, proc, safe
 from labkit.runtime import handshake, shim, timing
 from labkit.runtime.spec import Spec
@@ -107,13 +107,20 @@ def create(
         if spec.layers:  # the overlay's mount point, and its two writable dirs
             for d in (root, spec.upper, spec.work):
                 os.makedirs(d, exist_ok=True)
+            if "user" in spec.namespaces:  # the container's root writes them: it owns them
+                for d in (spec.upper, spec.work):
+                    os.chown(d, *spec.root_ids())
+            for i in range(len(spec.layers) if spec.idmap_layers else 0):  # where init attaches them
+                os.makedirs(run_dir / "lower" / str(i))
         os.mkfifo(run_dir / "exec.fifo", 0o622)
+        if "user" in spec.namespaces:  # init opens it as the container's root
+            os.chown(run_dir / "exec.fifo", *spec.root_ids())
         state = State(container_id, name or container_id[:12], Status.CREATING, bundle, created=time.time(),
                       image=image, command=tuple(spec.args), cgroup=cgroup_name(container_id),
                       detached=detach, auto_remove=auto_remove)  # fmt: skip
         state.save()
         timing.mark("cgroup")
-        made_cgroup = cgroups.create(cgroup_name(container_id), limits=spec.limits)
+        made_cgroup = _cgroup_for(container_id, spec)
         options = {"detach": detach, "console": console, "pty_master": pty_master, "monitor_here": monitor_here,
                    "remove": delete}  # fmt: skip
         if stdio is not None:
@@ -308,6 +315,18 @@ def _delete(state: State, force: bool) -> None:
     except LabkitError:
         cg = None
     _remove_dirs(container_id, cg)
+
+
+def _cgroup_for(container_id: str, spec: Spec):
+    """The container's cgroup; rootless, where none may be made, a NoCgroup (and limits
+    are refused in one line)."""
+    if cgroups.may_create():
+        return cgroups.create(cgroup_name(container_id), limits=spec.limits)
+    if spec.limits is not None:
+        raise Unsupported("resource limits (-m, --cpus, --pids-limit ...) are not available rootless here: "
+                          + ("cgroup v1 is never delegated to a user" if cgroups.version() == 1 else
+                             "no cgroup v2 subtree is delegated to you (systemd: Delegate=yes)"))  # fmt: skip
+    return cgroups.NoCgroup()
 
 
 def _remove_dirs(container_id: str, cg) -> None:

@@ -5,8 +5,10 @@ Joining one later takes the same steps as nsenter(1), plus the cgroup:
 
     fork ---- child: setns(pid)          (applies to the child's next child only)
                 fork --- grandchild: join the container's cgroup (write 0 to cgroup.procs)
-                                     setns(ipc, uts, net, cgroup, time, mnt): mnt last, since
-                                       after it every path resolves inside the container
+                                     setns(ipc, uts, net, cgroup, time, mnt): mnt after those,
+                                       since after it every path resolves inside the container;
+                                     setns(user) last: as root of the host we may join the others
+                                       first; then setresuid(0): root inside, the mapped uid outside
                                      capabilities, uid/gid, cwd, env: as the container's
                                      execve(command)
               child waits and exits with the grandchild's code
@@ -27,8 +29,9 @@ from labkit.runtime.spec import NAMESPACES
 from labkit.runtime.status import check
 from labkit.runtime.stdio import Stdio, set_stdio
 
-# setns order: the pid namespace first (it only affects children), the mount one last
-_ORDER = ("pid", "ipc", "uts", "network", "cgroup", "time", "mount")
+# setns order: the pid namespace first (it only affects children), then the mount one, and
+# the user namespace last: inside it we would have no right over the host's network namespace
+_ORDER = ("pid", "ipc", "uts", "network", "cgroup", "time", "mount", "user")
 
 
 def exec_in(
@@ -55,7 +58,7 @@ def exec_in(
     if uid is not None:
         changes.update(uid=uid, gid=gid if gid is not None else uid)
     spec = base.replace(**changes).validate()
-    cg = cgroups.open(state.cgroup)
+    cg = cgroups.open(state.cgroup) if cgroups.may_create() else cgroups.NoCgroup()  # (rootless: none)
     # open the namespace files now: if init dies meanwhile, they still name its namespaces;
     # the ones it joined by path count too (the engine's network namespace, --network container:)
     joined = {ns for ns, _ in spec.namespace_paths}
@@ -69,6 +72,10 @@ def exec_in(
     if child == 0:
         try:
             os.close(err_r)
+            if "user" in ns_fds and os.geteuid() != 0:
+                # rootless we have no right over namespaces on the host: only as root of
+                # the container's user namespace, which owns the others, may we join them
+                syscalls.setns(ns_fds.pop("user"), syscalls.CloneFlags.CLONE_NEWUSER)
             if "pid" in ns_fds:
                 syscalls.setns(ns_fds.pop("pid"), syscalls.CloneFlags.CLONE_NEWPID)
             grandchild = syscalls.fork()
@@ -76,6 +83,8 @@ def exec_in(
                 _enter(spec, cg, ns_fds, stdio, err_w)
             os.close(err_w)
             os._exit(proc.exit_code(os.waitpid(grandchild, 0)[1]))
+        except BaseException as err:  # noqa: BLE001 - nothing may escape a forked child
+            handshake.send(err_w, f"error 1 exec: {err}")
         finally:
             os._exit(1)
     for fd in (err_w, *ns_fds.values()):
@@ -98,6 +107,9 @@ def _enter(spec, cg, ns_fds: dict[str, int], stdio: Stdio, err_w: int) -> None:
         for fd in ns_fds.values():
             syscalls.setns(fd, 0)
             os.close(fd)
+        if "user" in spec.namespaces:
+            os.setresgid(0, 0, 0)
+            os.setresuid(0, 0, 0)
         set_stdio(stdio, spec.terminal)
         os.chdir("/")
         exe = init.find_executable(spec)

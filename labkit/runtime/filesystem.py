@@ -39,11 +39,24 @@ DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc
 
 
 
-def mount_rootfs(spec: Spec, root: str) -> None:
-    """Mount the root filesystem on ``root`` (pivot_root needs it to be a mount point)."""
+def mount_rootfs(spec: Spec, root: str, lower_fds: list[int] | None = None) -> None:
+    """Mount the root filesystem on ``root`` (pivot_root needs it to be a mount point).
+
+    ``lower_fds``: the layers as idmapped mounts (kernel/idmap.py), which are attached at
+    ``lower/0``, ``lower/1`` ... beside ``root`` first, and are the overlay's lower layers."""
     if spec.layers:
+        layers = list(spec.layers)
+        if lower_fds:
+            from labkit.kernel import idmap  # (only with --userns=auto)
+
+            layers = [os.path.join(os.path.dirname(root), "lower", str(i)) for i in range(len(lower_fds))]
+            for fd, target in zip(lower_fds, layers, strict=True):
+                idmap.attach(fd, target)
+                os.close(fd)
         # overlayfs(5): lowerdir top first; upper gets every write; work is its scratch
-        data = f"lowerdir={':'.join(spec.layers)},upperdir={spec.upper},workdir={spec.work}"
+        data = f"lowerdir={':'.join(layers)},upperdir={spec.upper},workdir={spec.work}"
+        if "user" in spec.namespaces:  # in a user namespace only user.* xattrs mark opaque dirs
+            data += ",userxattr"
         syscalls.mount("overlay", root, "overlay", 0, data)
     else:
         mounts.bind(root, root)
@@ -63,7 +76,14 @@ def mount_one(m: Mount, root: str, cgroup_dirs: dict[str, str]) -> None:
     if m.type == "cgroup":
         mount_cgroups(target, flags, cgroup_dirs)
         return
-    syscalls.mount(m.source, target, m.type, flags, data or None)
+    try:
+        syscalls.mount(m.source, target, m.type, flags, data or None)
+    except SyscallError as err:
+        # In a user namespace sysfs mounts only for the owner of the network namespace:
+        # a container on the host's network gets the host's /sys, bound read-only (runc too).
+        if m.type != "sysfs" or err.errno != errno.EPERM:
+            raise
+        mounts.bind("/sys", target, readonly=True, recursive=True, flags=flags & ~MountFlags.MS_RDONLY)
 
 
 def mount_cgroups(target: str, flags: int, cgroup_dirs: dict[str, str]) -> None:
@@ -85,12 +105,20 @@ def mount_cgroups(target: str, flags: int, cgroup_dirs: dict[str, str]) -> None:
     syscalls.mount(None, target, None, MountFlags.MS_REMOUNT | MountFlags.MS_RDONLY | plain)
 
 
-def make_dev(root: str, console: str | None) -> None:
-    """Fill the /dev tmpfs: six device nodes, the usual links, and the console."""
+def make_dev(root: str, console: str | None, bind_nodes: bool = False) -> None:
+    """Fill the /dev tmpfs: six device nodes, the usual links, and the console.
+
+    In a user namespace mknod(2) is refused (a device node would reach the host's
+    hardware): ``bind_nodes`` bind-mounts the host's six nodes instead, as runc does."""
     dev = secure_join(root, "/dev")
     for name, (major, minor) in DEVICES.items():
         path = os.path.join(dev, name)
-        if not os.path.lexists(path):
+        if os.path.lexists(path):
+            continue
+        if bind_nodes:
+            open(path, "w").close()
+            mounts.bind(os.path.join("/dev", name), path, recursive=False)
+        else:
             os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
             os.chmod(path, 0o666)  # the umask took bits away from mknod's mode
     for name, target in DEV_LINKS.items():

@@ -26,6 +26,11 @@ Three channels, all made before the fork, so each side only reads or writes an f
                                 waitpid(init)                   (the sync pipe is
                                 record the exit: stopped         close-on-exec: it closes)
 
+With a user namespace (``--userns=auto``) init is born in it (one clone(2) makes it and
+the PID namespace) and may write neither its own id maps nor the host's cgroup files: the
+shim writes /proc/INIT/uid_map and gid_map, then puts init into its cgroup on v1 too, and
+only then says go. init waits for that first thing, before step 1, then calls setresuid(0).
+
 On cgroup v1 init waits for no go byte, so its ``created`` may overtake the shim's
 ``pid`` line: the caller reads until it has both. A failure in init sends
 ``error CODE MESSAGE`` instead of ``created`` and exits with CODE (127: command not

@@ -4,6 +4,7 @@ This is the part of runc called ``runc init``. It runs in the child, already PID
 a new PID namespace, and turns itself into a container one step at a time, in the
 order the notebooks build a container by hand:
 
+ 0. with a user namespace (we were born in it): wait for our id maps, be root in it (09)
  1. new namespaces: mount, UTS, IPC, network ... with unshare(2)      (notebooks 02, 03)
     and a new time namespace's clock offsets (time_namespaces(7))
  2. make every mount private, so nothing we mount leaks to the host   (notebook 04)
@@ -67,6 +68,7 @@ class Context:
     console: str | None = None  # path of a pty slave to bind on /dev/console
     join_cgroup: Callable[[], None] | None = None  # moves us into our cgroup (v1), else None
     seccomp_filter: bytes | None = None  # the BPF program, compiled (or cached) in setup, loaded before execve
+    lower_fds: list[int] = field(default_factory=list)  # the layers as idmapped mounts, to attach (shim.py)
 
 
 class InitError(Exception):
@@ -100,13 +102,16 @@ def setup(ctx: Context) -> str:
     if ctx.join_cgroup is not None:  # (v1) step 8 comes first: the host's cgroupfs is still in reach
         timing.mark("cgroup")  # LABKIT_TIMING: each step notes when it begins (timing.py)
         ctx.join_cgroup()
+    if "user" in spec.namespaces:  # 0.
+        become_root_inside(ctx)
     timing.mark("namespaces")
     enter_namespaces(ctx)  # 1.
     timing.mark("mounts")
     mounts.make_private("/")  # 2.
-    filesystem.mount_rootfs(spec, ctx.rootfs)  # 3.
+    filesystem.mount_rootfs(spec, ctx.rootfs, ctx.lower_fds)  # 3.
     mount_inside(ctx)  # 4.
-    ctx.seccomp_filter = compile_seccomp(spec)  # for 10., while the host's libseccomp is reachable
+    if ctx.seccomp_filter is None:  # (with a user namespace the shim compiled it)
+        ctx.seccomp_filter = compile_seccomp(spec)  # for 10., while the host's libseccomp is reachable
     timing.mark("pivot_root")
     # exec.fifo lies outside the new root: keep an O_PATH fd that still reaches it
     fifo = os.open(ctx.fifo, os.O_PATH | os.O_CLOEXEC)
@@ -117,11 +122,23 @@ def setup(ctx: Context) -> str:
     return find_executable(spec)
 
 
+def become_root_inside(ctx: Context) -> None:
+    """0. We were born in a new user namespace (shim.py), as uid 65534 with every
+    capability *in it*, and no ids mapped yet. The parent writes our uid_map and gid_map,
+    puts us into our cgroup (we may not write the host's cgroup files any more) and says
+    go. Then setresuid(0): root inside, the map's first host id outside. Being root of
+    the namespace that owns the ones we make next is what lets us mount in them."""
+    wait_for_cgroup(ctx)
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)  # all three were unmapped: we keep our capabilities (capabilities(7))
+
+
 def enter_namespaces(ctx: Context) -> None:
     """1. Join the namespaces the spec names by path, then unshare(2) the new ones
     (the PID namespace is new already: we were born in it)."""
     spec = ctx.spec
-    for ns_type, path in spec.namespace_paths:
+    # (with a user namespace of our own the shim joined these for us, as we were cloned)
+    for ns_type, path in () if "user" in spec.namespaces else spec.namespace_paths:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             syscalls.setns(fd, _clone_flag(ns_type))
@@ -129,7 +146,7 @@ def enter_namespaces(ctx: Context) -> None:
             os.close(fd)
     flags = 0
     for ns_type in spec.namespaces:
-        if ns_type != "pid":
+        if ns_type not in ("pid", "user"):  # those two we were born in
             flags |= _clone_flag(ns_type)
     if "cgroup" in spec.namespaces:
         wait_for_cgroup(ctx)  # a new cgroup namespace is rooted at the cgroup we are in now
@@ -164,7 +181,7 @@ def mount_inside(ctx: Context) -> None:
     """4. Every mount of the spec, then the device nodes, below the new root."""
     for m in ctx.spec.mounts:
         filesystem.mount_one(m, ctx.rootfs, ctx.cgroup_dirs)
-    filesystem.make_dev(ctx.rootfs, ctx.console)
+    filesystem.make_dev(ctx.rootfs, ctx.console, bind_nodes="user" in ctx.spec.namespaces)
     if ctx.spec.host_devices:
         filesystem.copy_host_devices(ctx.rootfs)
 
@@ -230,7 +247,11 @@ def finish_and_exec(spec: Spec, exe: str, seccomp_filter: bytes | None = None) -
         seccomp.load(seccomp_filter)
     timing.mark("capabilities")
     security.drop_bounding(spec.capabilities)  # needs CAP_SETPCAP: before the switch
-    os.setgroups(list(spec.additional_gids))
+    if _setgroups_allowed():
+        os.setgroups(list(spec.additional_gids))
+    elif spec.additional_gids:
+        raise InitError(EXIT_SETUP, "additional groups: this user namespace denies setgroups(2) (rootless, "
+                                    "without a subordinate gid range in /etc/subgid)")  # fmt: skip
     os.setgid(spec.gid)
     if spec.uid != 0:
         # setuid from 0 clears every capability unless KEEPCAPS is set; keep them so
@@ -275,6 +296,16 @@ def loopback_up() -> None:
         ifreq = struct.pack("16sh14x", b"lo", 0)
         flags = struct.unpack("16sh14x", fcntl.ioctl(s, SIOCGIFFLAGS, ifreq))[1]
         fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sh14x", b"lo", flags | IFF_UP))
+
+
+def _setgroups_allowed() -> bool:
+    """/proc/self/setgroups says "deny" in a user namespace whose gid map an ordinary
+    user wrote (user_namespaces(7)); setgroups(2) then fails even for root inside."""
+    try:
+        with open("/proc/self/setgroups") as f:
+            return f.read().strip() != "deny"
+    except OSError:
+        return True
 
 
 def find_executable(spec: Spec) -> str:

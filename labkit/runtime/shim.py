@@ -31,16 +31,17 @@ Layer: runtime. Used by container.py (create, wait_shim, delete).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from labkit import poll
 from labkit.errors import ExecFailed, LabkitError, StateError
 from labkit.kernel import proc, syscalls
 from labkit.runtime import handshake, timing
-from labkit.runtime.spec import Spec
+from labkit.runtime.spec import NAMESPACES, Spec
 from labkit.runtime.state import State, container_dir, data_dir, update
 from labkit.runtime.status import Status, allows
 from labkit.runtime.stdio import Stdio, close_quietly, set_stdio
@@ -63,7 +64,7 @@ def launch(state: State, spec: Spec, root: str, cg, stdio: Stdio, *, detach: boo
         first = _fork_init(state, spec, root, cg, stdio, (sync_w, go_r, go_w), console, None, inline=True)
         MONITORED[state.id] = (first, cg, proc.start_time(first))
         # no "pid" line: we know the pid, and init may say "created" before we could write it
-        _move_into_cgroup(first, cg, sync_w, go_w)
+        _hand_over(first, spec, cg, sync_w, go_w)
     else:
         timing.mark("shim")
         first = syscalls.fork()
@@ -131,7 +132,11 @@ def _shim(state: State, spec: Spec, root: str, cg, stdio: Stdio, pipes: tuple[in
     sync_w, go_r, go_w = pipes
     with open("/proc/self/comm", "w") as comm:  # what prctl(PR_SET_NAME) sets: `ps` shows it
         comm.write("labkit-shim")
-    pid = _fork_init(state, spec, root, cg, stdio, pipes, console, pty_master, inline=False)
+    try:
+        pid = _fork_init(state, spec, root, cg, stdio, pipes, console, pty_master, inline=False)
+    except LabkitError as err:  # (no init: e.g. the system allows no user namespace)
+        handshake.send(sync_w, f"error 1 {err.one_line()}")
+        os._exit(1)
     # A foreground shim shares the terminal's process group with `labkit run`, so Ctrl-C
     # or a closed terminal signals it too; the default action would end the monitor and
     # lose the exit code. The caller forwards those signals to init; the shim stays.
@@ -139,7 +144,7 @@ def _shim(state: State, spec: Spec, root: str, cg, stdio: Stdio, pipes: tuple[in
         signal.signal(sig, signal.SIG_IGN)
     MONITORED[state.id] = (pid, cg, proc.start_time(pid))
     handshake.send(sync_w, f"pid {pid} {os.getpid()}")
-    _move_into_cgroup(pid, cg, sync_w, go_w)
+    _hand_over(pid, spec, cg, sync_w, go_w)
     for fd in (stdio.stdin, stdio.stdout, stdio.stderr):
         if fd > 2 and (pty_master is None or fd != pty_master):
             close_quietly(fd)
@@ -164,12 +169,29 @@ def _fork_init(state: State, spec: Spec, root: str, cg, stdio: Stdio, pipes: tup
                console: str | None, pty_master: int | None, inline: bool) -> int:  # fmt: skip
     """Fork init, in a new PID namespace if the spec asks; in the parent, its pid."""
     sync_w, go_r, go_w = pipes
-    # Who moves init into the cgroup. On v1 init moves itself (V1Cgroup.join, cheap);
-    # on v2 a first move waits for an RCU grace period, so the parent does it while
-    # init sets up.
-    self_join = cg.version == 1
+    self_join = _joins_itself(spec, cg)
+    # paths now: born in a user namespace, init is nobody until its maps are written, and
+    # for nobody paths.py would pick a rootless state root
+    fifo = str(container_dir(state.id) / "exec.fifo")
+    dirs = {"": str(cg.path)} if cg.version == 2 else {c: str(p) for c, p in cg.paths.items()}
     timing.mark("namespaces")  # a new PID namespace is made by this fork
-    pid = syscalls.fork_as_pid1() if "pid" in spec.namespaces else syscalls.fork()
+    program, lowers = None, []
+    if "user" in spec.namespaces:  # a user namespace too: both made by one clone(2)
+        if spec.seccomp is not None:  # init, root of nothing on the host, cannot reach the cache
+            from labkit.kernel import seccomp_cache
+
+            program = seccomp_cache.program(spec.seccomp)
+        if spec.idmap_layers:
+            lowers = _idmapped_layers(spec)
+        pid = -1
+        try:
+            with _joined(spec.namespace_paths):
+                pid = syscalls.fork_into_user_namespace(pid_namespace="pid" in spec.namespaces)
+        finally:
+            for fd in lowers if pid != 0 else ():  # (only init needs them, to attach them)
+                os.close(fd)
+    else:
+        pid = syscalls.fork_as_pid1() if "pid" in spec.namespaces else syscalls.fork()
     if pid == 0:  # init: PID 1 in the new namespace
         os.close(go_w)
         if inline:  # its monitor is the labkit process: do not outlive it
@@ -188,24 +210,81 @@ def _fork_init(state: State, spec: Spec, root: str, cg, stdio: Stdio, pipes: tup
         # (tests/test_runtime.py: test_runtime_run_loads_only_what_it_needs)
         from labkit.runtime import init
 
-        dirs = {"": str(cg.path)} if cg.version == 2 else {c: str(p) for c, p in cg.paths.items()}
-        fifo = str(container_dir(state.id) / "exec.fifo")
         if self_join:
             os.close(go_r)
         init.main(init.Context(spec, root, fifo, sync_w, -1 if self_join else go_r, dirs, console,
-                               join_cgroup=cg.join if self_join else None))  # fmt: skip
+                               join_cgroup=cg.join if self_join else None, seccomp_filter=program,
+                               lower_fds=lowers))  # fmt: skip
     os.close(go_r)
     return pid
 
 
-def _move_into_cgroup(pid: int, cg, sync_w: int, go_w: int) -> None:
-    """(v2) Move init into its cgroup and tell it so; v1's init has moved itself."""
+def _idmapped_layers(spec: Spec) -> list[int]:
+    """The image's layers as idmapped mounts, not attached anywhere yet (kernel/idmap.py):
+    fds init inherits and attaches in its own mount namespace."""
+    from labkit.kernel import idmap  # (only here: only --userns=auto needs it)
+
+    holder = idmap.map_holder(spec.uid_map, spec.gid_map)
+    fds: list[int] = []
     try:
-        if cg.version != 1:
+        for layer in spec.layers:
+            fds.append(idmap.idmapped_tree(layer, holder))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    finally:
+        os.close(holder)
+    return fds
+
+
+@contextlib.contextmanager
+def _joined(paths: tuple[tuple[str, str], ...]) -> Iterator[None]:
+    """Be in the namespaces ``paths`` names (a bridge's network, say) while init is cloned.
+
+    init is born in its own user namespace, where it has no right over a namespace the
+    host's user namespace owns: it could not setns(2) into one. So we, root on the host,
+    step into each for the moment of the clone (the child is born in them), then back."""
+    own, parent = [], os.getpid()
+    try:
+        for ns_type, path in paths:
+            kind = NAMESPACES[ns_type]
+            own.append((kind, os.open(f"/proc/self/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC)))
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                syscalls.setns(fd)
+            finally:
+                os.close(fd)
+        yield
+    finally:
+        for _kind, fd in reversed(own):
+            if os.getpid() == parent:  # (the clone returns here in the child too: it stays)
+                syscalls.setns(fd)
+            os.close(fd)
+
+
+def _joins_itself(spec: Spec, cg) -> bool:
+    """Who moves init into the cgroup. On v1 init moves itself (V1Cgroup.join, cheap); on
+    v2 a first move waits for an RCU grace period, so the parent does it while init sets
+    up. In a new user namespace init may not write the host's cgroup files: the parent."""
+    return cg.version == 1 and "user" not in spec.namespaces
+
+
+def _hand_over(pid: int, spec: Spec, cg, sync_w: int, go_w: int) -> None:
+    """Give init what only its parent can: the id maps of its new user namespace, and
+    (v2, or any user namespace) its cgroup; then say go. v1's init has moved itself."""
+    try:
+        if "user" in spec.namespaces:
+            # (only here: most containers have no user namespace, and start without this module)
+            from labkit.kernel.namespaces.unshare import write_id_maps
+
+            write_id_maps(pid, spec.uid_map, spec.gid_map, allow_setgroups=True, helpers=os.geteuid() != 0)
+        if not _joins_itself(spec, cg):
             cg.add(pid)
             handshake.say_go(go_w)
-    except LabkitError as err:
-        handshake.send(sync_w, f"error 1 {err.one_line()}")
+    except (LabkitError, OSError) as err:
+        line = err.one_line() if isinstance(err, LabkitError) else f"{type(err).__name__}: {err}"
+        handshake.send(sync_w, f"error 1 {line}")
         os.kill(pid, signal.SIGKILL)
     os.close(go_w)
     os.close(sync_w)

@@ -48,6 +48,7 @@ _ANNOTATION_LAYERS = "org.labkit.rootfs.lowerdirs"  # overlay lowers, top first,
 _ANNOTATION_UPPER = "org.labkit.rootfs.upperdir"
 _ANNOTATION_WORK = "org.labkit.rootfs.workdir"
 _ANNOTATION_HOST_DEVICES = "org.labkit.devices.host"  # --privileged: the host's device nodes
+_ANNOTATION_IDMAP = "org.labkit.rootfs.idmapped"  # the layers are shown through the user namespace's map
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,9 @@ class Spec:
     namespaces: tuple[str, ...] = DOCKER_NAMESPACES
     namespace_paths: tuple[tuple[str, str], ...] = ()  # (type, path): join instead of new
     time_offsets: tuple[tuple[str, int, int], ...] = ()  # (clock, secs, nanosecs), a new time namespace's
+    # a new user namespace's id maps: (id inside, id on the host, how many), as uid_map's lines
+    uid_map: tuple[tuple[int, int, int], ...] = ()
+    gid_map: tuple[tuple[int, int, int], ...] = ()
     limits: Limits | None = None  # None: no limits
     capabilities: tuple[str, ...] = security.DOCKER_DEFAULT_CAPS
     ambient: tuple[str, ...] = ()
@@ -119,6 +123,7 @@ class Spec:
     no_new_privileges: bool = False
     seccomp: seccomp.Filter | None = None  # None: no filter (runc spec's and --privileged's)
     host_devices: bool = False  # --privileged: every device node of the host's /dev
+    idmap_layers: bool = False  # with a user namespace: idmapped mounts of the layers (kernel/idmap.py)
     terminal: bool = False
     rlimits: tuple[Rlimit, ...] = ()
     cgroups_path: str | None = None
@@ -179,13 +184,17 @@ class Spec:
         if "mount" not in seen:
             raise InvalidValue("namespace list", list(self.namespaces),
                                "'mount' among them: a container needs its own mount namespace")  # fmt: skip
-        if "user" in seen:
-            raise Unsupported("the runtime does not make user namespaces yet (see notebook 09 and namespaces.spawn)")
+        self._validate_id_maps()
         for ns, path in self.namespace_paths:
             if ns not in NAMESPACES:
                 raise InvalidValue("namespace type", ns, "one of " + ", ".join(NAMESPACES))
             if ns in seen:
                 raise InvalidValue("namespace list", ns, "either a new namespace or a path to join, not both")
+            if ns == "user":
+                raise Unsupported("joining a user namespace by path: labkit makes a new one (linux.uidMappings)")
+            if "user" in seen and ns not in ("network", "ipc", "uts"):
+                raise Unsupported(f"joining a {ns} namespace together with a new user namespace "
+                                  "(labkit joins only network, ipc and uts ones then)")
             if not os.path.exists(path):
                 raise NotFound(f"namespace file {path!r} does not exist")
         self._validate_time_offsets()
@@ -204,9 +213,39 @@ class Spec:
                 raise InvalidValue("masked or read-only path", p, "an absolute path")
         if self.seccomp is not None:
             self.seccomp.check()
+        if self.idmap_layers and not (self.layers and "user" in self.namespaces):
+            raise InvalidValue("org.labkit.rootfs.idmapped", "true", "layers and a new user namespace with it")
         if bool(self.layers) != bool(self.upper and self.work):
             raise InvalidValue("overlay rootfs", self.layers, "layers together with an upper and a work dir")
         return self
+
+    def _validate_id_maps(self) -> None:
+        """linux.uidMappings/gidMappings: both, exactly when there is a new user namespace,
+        each range inside 0..2^32-2 and not overlapping another (user_namespaces(7))."""
+        if ("user" in self.namespaces) != bool(self.uid_map and self.gid_map):
+            what = "a new user namespace needs both" if "user" in self.namespaces else "id maps need"
+            raise InvalidValue("linux.uidMappings/gidMappings", [list(m) for m in self.uid_map or self.gid_map],
+                               f"{what}: uidMappings and gidMappings with {{'type': 'user'}} in linux.namespaces")
+        for name, entries in (("uidMappings", self.uid_map), ("gidMappings", self.gid_map)):
+            if len(entries) > 340:  # the kernel's limit on a map's lines
+                raise InvalidValue(f"linux.{name}", len(entries), "at most 340 ranges")
+            for kind in (0, 1):  # neither the inside ranges nor the host ranges may overlap
+                spans = sorted((e[kind], e[kind] + e[2]) for e in entries)
+                if any(a[1] > b[0] for a, b in zip(spans, spans[1:])):
+                    raise InvalidValue(f"linux.{name}", [list(e) for e in entries], "ranges that do not overlap")
+            for entry in entries:
+                inside, host, size = entry
+                if not all(type(x) is int for x in entry) or size < 1 or min(inside, host) < 0 \
+                        or max(inside, host) + size > 2**32 - 1:
+                    raise InvalidValue(f"linux.{name} entry", list(entry),
+                                       "containerID, hostID and size: whole numbers, size >= 1, below 2^32-1")
+
+    def root_ids(self) -> tuple[int, int]:
+        """Who the container's root (uid 0, gid 0) is on the host: (0, 0) without a user
+        namespace, else the host ids that the maps give to id 0."""
+        def host_of(entries):
+            return next((host for inside, host, size in entries if inside == 0), 0) if entries else 0
+        return host_of(self.uid_map), host_of(self.gid_map)
 
     def _validate_time_offsets(self) -> None:
         """linux.timeOffsets: each clock once, whole numbers in the kernel's range, and
@@ -258,6 +297,9 @@ class Spec:
         }
         if self.time_offsets:
             linux["timeOffsets"] = _offsets_to_oci(self.time_offsets)
+        if self.uid_map or self.gid_map:
+            linux["uidMappings"] = [{"containerID": c, "hostID": h, "size": n} for c, h, n in self.uid_map]
+            linux["gidMappings"] = [{"containerID": c, "hostID": h, "size": n} for c, h, n in self.gid_map]
         if self.seccomp is not None:
             linux["seccomp"] = self.seccomp.to_oci()
         res = limits_to_oci(self.limits)
@@ -281,6 +323,8 @@ class Spec:
             notes[_ANNOTATION_WORK] = self.work
         if self.host_devices:
             notes[_ANNOTATION_HOST_DEVICES] = "true"
+        if self.idmap_layers:
+            notes[_ANNOTATION_IDMAP] = "true"
         if notes:
             doc["annotations"] = notes
         return doc
@@ -314,6 +358,8 @@ class Spec:
                 namespace_paths=tuple((n["type"], n["path"]) for n in linux.get("namespaces") or () if n.get("path")),
                 time_offsets=tuple((clock, o["secs"], o.get("nanosecs", 0))
                                    for clock, o in (linux.get("timeOffsets") or {}).items()),
+                uid_map=tuple((m["containerID"], m["hostID"], m["size"]) for m in linux.get("uidMappings") or ()),
+                gid_map=tuple((m["containerID"], m["hostID"], m["size"]) for m in linux.get("gidMappings") or ()),
                 limits=limits_from_oci(linux.get("resources") or {}),
                 capabilities=tuple(caps.get("bounding") or ()),
                 ambient=tuple(caps.get("ambient") or ()),
@@ -322,6 +368,7 @@ class Spec:
                 no_new_privileges=bool(process.get("noNewPrivileges", False)),
                 seccomp=seccomp.Filter.from_oci(linux["seccomp"]) if linux.get("seccomp") else None,
                 host_devices=notes.pop(_ANNOTATION_HOST_DEVICES, "") == "true",
+                idmap_layers=notes.pop(_ANNOTATION_IDMAP, "") == "true",
                 terminal=bool(process.get("terminal", False)),
                 rlimits=tuple(Rlimit(r["type"], int(r["soft"]), int(r["hard"])) for r in process.get("rlimits") or ()),
                 cgroups_path=linux.get("cgroupsPath"),

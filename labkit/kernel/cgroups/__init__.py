@@ -23,6 +23,7 @@ Layer: kernel. Used by the runtime (one group per container), ``labkit stats``,
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from labkit import paths
@@ -35,7 +36,8 @@ from .watch import Sample, record
 
 __all__ = [
     "Cgroup", "CgroupStats", "DeviceRate", "IoStat", "Limits", "Sample", "available_controllers",
-    "check_supported", "create", "list_all", "mode", "open", "record", "shares_to_weight", "version",
+    "NoCgroup", "check_supported", "create", "list_all", "may_create", "mode", "open", "record",
+    "shares_to_weight", "version",
     "weight_to_shares", "where",
 ]
 
@@ -66,8 +68,41 @@ def create(name: str, limits: Limits | None = None, **given: object) -> Cgroup:
         raise InvalidValue("limits", sorted(given), "either limits=Limits(...) or keyword limits, not both")
     parsed = limits if limits is not None else Limits.parse(**given)
     check_supported(parsed)
-    require_root(f"create cgroup {name}")
+    if not may_create():
+        require_root(f"create cgroup {name}")
     return _impl().make(name, parsed)  # type: ignore[attr-defined]
+
+
+def may_create() -> bool:
+    """May this process make cgroups? Root may; anyone else only in a cgroup v2 subtree
+    that was delegated to them (systemd does that for a user's session with Delegate=yes:
+    the caller's own cgroup is then theirs to write). v1 hierarchies are never delegated."""
+    return os.geteuid() == 0 or (version() == 2 and os.access(v2_base(), os.W_OK))
+
+
+class NoCgroup:
+    """What a container gets where no cgroup may be made (rootless, nothing delegated):
+    the same calls as a ``Cgroup``, which limit nothing and leave nothing to remove."""
+
+    version = 0
+    name = ""
+    path = None
+    paths: dict[str, Path] = {}
+
+    def add(self, pid: int) -> None:
+        pass
+
+    def join(self) -> None:
+        pass
+
+    def oom_kills(self) -> int:
+        return 0
+
+    def procs(self, recursive: bool = False) -> list[int]:
+        return []
+
+    def close(self, keep_parents: bool = False) -> None:
+        pass
 
 
 def where(name: str) -> dict[str, Path]:

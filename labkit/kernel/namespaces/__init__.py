@@ -8,7 +8,8 @@ One module per thing you do with them:
   process is in (``/proc/PID/ns``).
 - ``unshare``: ``spawn(...)`` starts a process in new namespaces (fork, then unshare(2)
   in the child); ``run(...)`` waits for it and returns what it printed;
-  ``set_time_offsets(...)`` shifts a new time namespace's clocks.
+  ``set_time_offsets(...)`` shifts a new time namespace's clocks; ``write_id_maps(...)``
+  gives a new user namespace its uid and gid maps.
 - ``nsenter``: ``enter(pid, ...)`` runs something inside another process's namespaces.
 - ``child``: the ``Process`` handle, and the pipe a starting child reports on.
 
@@ -21,7 +22,7 @@ Layer: kernel. Used by the notebooks and the tests; the runtime's init makes its
 from labkit.kernel.namespaces.child import Completed, Process
 from labkit.kernel.namespaces.kinds import Comparison, Kind, compare, kinds, namespaces_of
 from labkit.kernel.namespaces.nsenter import enter
-from labkit.kernel.namespaces.unshare import IdMap, run, set_time_offsets, spawn
+from labkit.kernel.namespaces.unshare import IdMap, run, set_time_offsets, spawn, write_id_maps
 
 __all__ = ["Comparison", "Completed", "IdMap", "Kind", "Process", "compare", "enter", "kinds", "namespaces_of",
-           "run", "set_time_offsets", "spawn"]  # fmt: skip
+           "run", "set_time_offsets", "spawn", "write_id_maps"]  # fmt: skip

@@ -20,7 +20,7 @@ import os
 import signal
 from collections.abc import Callable, Iterable, Sequence
 
-from labkit.errors import InvalidValue, LabkitError, require_root
+from labkit.errors import InvalidValue, LabkitError, Unsupported, require_root
 from labkit.kernel import mounts, syscalls
 from labkit.kernel.namespaces import child as child_
 from labkit.kernel.namespaces.child import Completed, Process
@@ -163,10 +163,28 @@ def _become_root_in_new_userns(wr: int, go_rd: int, uids, gids) -> None:
 
 
 def _write_id_maps(pid: int, uids, gids) -> None:
-    # setgroups must be denied before an unprivileged process may write gid_map; labkit
-    # always denies it, so a mapped root cannot drop itself out of a group to gain access.
-    with open(f"/proc/{pid}/setgroups", "w") as f:
-        f.write("deny")
+    write_id_maps(pid, uids, gids, allow_setgroups=False)
+
+
+def write_id_maps(pid: int, uids, gids, *, allow_setgroups: bool, helpers: bool = False) -> None:
+    """Write /proc/PID/uid_map and gid_map: rows of (id inside, id outside, count).
+
+    setgroups(2) must be denied before an unprivileged process may write gid_map. spawn()
+    always denies it, so a mapped root cannot drop itself out of a group to gain access.
+    A container runtime that is root on the host may leave it allowed (``allow_setgroups``),
+    as runc does, so that the container's user gets its additional groups.
+
+    An ordinary user may map only their own uid, one line. ``helpers`` writes the maps
+    with newuidmap(1) and newgidmap(1) instead (Debian's uidmap package): set-uid programs
+    that write any range /etc/subuid and /etc/subgid give the user, as rootless podman does.
+    A map of the user's own id alone needs no helper.
+    """
+    if helpers and (len(uids) > 1 or len(gids) > 1):
+        _map_with_helpers(pid, uids, gids)
+        return
+    if not allow_setgroups or os.geteuid() != 0:
+        with open(f"/proc/{pid}/setgroups", "w") as f:
+            f.write("deny")
     for name, rows in (("uid_map", uids), ("gid_map", gids)):
         if rows:
             text = "".join(f"{a} {b} {n}\n" for a, b, n in rows)
@@ -178,6 +196,22 @@ def _write_id_maps(pid: int, uids, gids) -> None:
                     err.errno or 22, "write", f"/proc/{pid}/{name}, {text.strip()!r}",
                     "ranges must not overlap, and at most 340 lines" if err.errno == 22 else "",
                 ) from None
+
+
+def _map_with_helpers(pid: int, uids, gids) -> None:
+    import shutil  # (here: only rootless containers need it)
+    import subprocess
+
+    for tool, rows in (("newuidmap", uids), ("newgidmap", gids)):
+        path = shutil.which(tool) or f"/usr/bin/{tool}"
+        args = [path, str(pid), *(str(x) for row in rows for x in row)]
+        try:
+            done = subprocess.run(args, capture_output=True, text=True, timeout=10, check=False)
+        except FileNotFoundError:
+            raise Unsupported(f"{tool} is not installed (Debian: apt-get install uidmap)") from None
+        if done.returncode != 0:
+            raise InvalidValue(f"{tool} {' '.join(args[2:])}", done.stderr.strip().splitlines()[-1:] or done.returncode,
+                               "ranges that /etc/subuid and /etc/subgid give this user")  # fmt: skip
 
 
 def _set_time_offsets(offsets: dict[str, float]) -> None:

@@ -1,0 +1,114 @@
+"""Rootless, as ``podman run`` without sudo: an ordinary user, made for these tests and
+removed after them, runs labkit. Root in the container is that user on the host, ids 1..
+come from the user's /etc/subuid range (newuidmap), the state lives in the user's own
+directories, and what needs root (a bridge, limits on cgroup v1, --privileged) is one line."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from bundles import SLOWDOWN, leftovers
+
+REPO = Path(__file__).resolve().parent.parent
+USER = "lkrootless"
+
+
+@pytest.fixture(scope="module")
+def user():
+    """A new unprivileged user with a subordinate id range; removed afterwards, with
+    its home, its /etc/subuid lines and any process it left."""
+    if shutil.which("newuidmap") is None:
+        pytest.fail("newuidmap is missing: vagrant/provision.sh installs Debian's uidmap")
+    subprocess.run(["userdel", "-r", USER], capture_output=True, check=False)  # a run that was killed
+    subprocess.run(["useradd", "-m", "-s", "/bin/sh", USER], check=True)
+    entry = pwd.getpwnam(USER)
+    for path in ("/etc/subuid", "/etc/subgid"):  # useradd adds one where SUB_UID_COUNT says so
+        if not any(line.startswith(f"{USER}:") for line in Path(path).read_text().splitlines()):
+            with open(path, "a") as f:
+                f.write(f"{USER}:200000:65536\n")
+    runtime_dir = Path(tempfile.mkdtemp(prefix="lkrootless-run-"))
+    os.chown(runtime_dir, entry.pw_uid, entry.pw_gid)
+    # the user must be able to import labkit: a checkout below a closed directory (/root,
+    # a CI runner's temp dir) is copied somewhere it can read
+    code = REPO
+    if subprocess.run(["runuser", "-u", USER, "--", "test", "-r", str(REPO / "labkit" / "__init__.py")]).returncode:
+        code = Path(tempfile.mkdtemp(prefix="lkrootless-code-"))
+        shutil.copytree(REPO / "labkit", code / "labkit", ignore=shutil.ignore_patterns("__pycache__"))
+        code.chmod(0o755)
+    yield entry, runtime_dir, code
+    subprocess.run(["pkill", "-KILL", "-u", USER], check=False)
+    time.sleep(0.2)
+    subprocess.run(["userdel", "-r", USER], capture_output=True, check=False)
+    shutil.rmtree(runtime_dir, ignore_errors=True)
+    if code != REPO:
+        shutil.rmtree(code, ignore_errors=True)
+
+
+def as_user(user, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    entry, runtime_dir, code = user
+    env = {"PATH": "/usr/bin:/bin", "HOME": entry.pw_dir, "XDG_RUNTIME_DIR": str(runtime_dir),
+           "PYTHONPATH": str(code), "LANG": "C.UTF-8"}  # fmt: skip
+    python = os.environ.get("LABKIT_VENV", "/opt/labkit/venv") + "/bin/python"
+    return subprocess.run(["runuser", "-u", USER, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
+                           python, "-m", "labkit", *args], capture_output=True, text=True,
+                          timeout=timeout * SLOWDOWN, stdin=subprocess.DEVNULL, check=False)  # fmt: skip
+
+
+def test_root_in_the_container_is_the_user_outside(user):
+    entry = user[0]
+    r = as_user(user, "run", "--rm", "busybox", "sh", "-c", "id; cat /proc/self/uid_map; echo hi > /etc/x && cat /etc/x")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("uid=0(root) gid=0(root)")
+    assert lines[1].split() == ["0", str(entry.pw_uid), "1"]
+    first = next(line.split(":")[1] for line in Path("/etc/subuid").read_text().splitlines() if line.startswith(USER + ":"))
+    assert lines[2].split()[:2] == ["1", first]  # ids 1.. from the user's range, written by newuidmap
+    assert lines[3] == "hi"
+
+
+def test_a_detached_container_runs_as_the_user_and_keeps_its_state_in_the_users_dirs(user):
+    entry, runtime_dir, _ = user
+    r = as_user(user, "run", "-d", "--name", "rl", "busybox", "sleep", "60")
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.strip()
+    try:
+        state = runtime_dir / "labkit" / "containers" / cid
+        data = Path(entry.pw_dir) / ".local" / "share" / "labkit" / "containers" / cid
+        assert (state / "state.json").is_file() and (data / "config.json").is_file()
+        top = as_user(user, "top", "rl")
+        assert top.returncode == 0, top.stderr
+        uid, pid, _ppid, cuid, cpid, *cmd = top.stdout.splitlines()[1].split()
+        assert (uid, cuid, cpid, cmd) == (USER, "0", "1", ["sleep", "60"])
+        assert os.stat(f"/proc/{pid}").st_uid == entry.pw_uid  # the host's view, from the kernel
+        r = as_user(user, "exec", "rl", "sh", "-c", "id -u; touch /made-here")
+        assert r.returncode == 0 and r.stdout.strip() == "0", r.stderr
+        assert (data / "upper" / "made-here").stat().st_uid == entry.pw_uid
+    finally:
+        r = as_user(user, "rm", "-f", "rl")
+    assert r.returncode == 0, r.stderr
+    assert not state.exists() and not data.exists()
+    # no process left (a shim that has exited may wait a moment for the machine's init to reap it)
+    ps = subprocess.run(["ps", "-u", USER, "-o", "pid=,stat=,args="], capture_output=True, text=True).stdout
+    left = [line for line in ps.splitlines() if line.split()[1] != "Z"]
+    assert left == [], left
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["-m", "64m"], "resource limits (-m, --cpus, --pids-limit ...) are not available rootless here"),
+    (["--network", "bridge"], "a bridge and its NAT rules need root"),
+    (["--privileged"], "a privileged container is root of the host"),
+])  # fmt: skip
+def test_what_needs_root_is_one_line_and_creates_nothing(user, flags, message):
+    entry = user[0]
+    r = as_user(user, "run", "--rm", *flags, "busybox", "true")
+    assert r.returncode != 0 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    containers = Path(entry.pw_dir) / ".local" / "share" / "labkit" / "containers"
+    assert not containers.exists() or list(containers.iterdir()) == []
+    assert leftovers() == []
