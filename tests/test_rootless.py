@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from bundles import SLOWDOWN, leftovers
 
+from labkit.kernel import mounts
+
 REPO = Path(__file__).resolve().parent.parent
 USER = "lkrootless"
 
@@ -35,6 +37,10 @@ def user():
                 f.write(f"{USER}:200000:65536\n")
     runtime_dir = Path(tempfile.mkdtemp(prefix="lkrootless-run-"))
     os.chown(runtime_dir, entry.pw_uid, entry.pw_gid)
+    data_home = Path(entry.pw_dir) / ".local" / "share"
+    if mounts.fstype_of(entry.pw_dir) == "overlay":
+        # (labkit's small VM: / is an overlayfs, where no overlay can keep its upper dir)
+        data_home = runtime_dir / "data"
     # the user must be able to import labkit: a checkout below a closed directory (/root,
     # a CI runner's temp dir) is copied somewhere it can read
     code = REPO
@@ -42,7 +48,7 @@ def user():
         code = Path(tempfile.mkdtemp(prefix="lkrootless-code-"))
         shutil.copytree(REPO / "labkit", code / "labkit", ignore=shutil.ignore_patterns("__pycache__"))
         code.chmod(0o755)
-    yield entry, runtime_dir, code
+    yield entry, runtime_dir, code, data_home
     subprocess.run(["pkill", "-KILL", "-u", USER], check=False)
     time.sleep(0.2)
     subprocess.run(["userdel", "-r", USER], capture_output=True, check=False)
@@ -52,9 +58,11 @@ def user():
 
 
 def as_user(user, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    entry, runtime_dir, code = user
+    entry, runtime_dir, code, data_home = user
     env = {"PATH": "/usr/bin:/bin", "HOME": entry.pw_dir, "XDG_RUNTIME_DIR": str(runtime_dir),
            "PYTHONPATH": str(code), "LANG": "C.UTF-8"}  # fmt: skip
+    if data_home != Path(entry.pw_dir) / ".local" / "share":
+        env["XDG_DATA_HOME"] = str(data_home)
     python = os.environ.get("LABKIT_VENV", "/opt/labkit/venv") + "/bin/python"
     return subprocess.run(["runuser", "-u", USER, "--", "env", "-i", *(f"{k}={v}" for k, v in env.items()),
                            python, "-m", "labkit", *args], capture_output=True, text=True,
@@ -74,18 +82,20 @@ def test_root_in_the_container_is_the_user_outside(user):
 
 
 def test_a_detached_container_runs_as_the_user_and_keeps_its_state_in_the_users_dirs(user):
-    entry, runtime_dir, _ = user
-    r = as_user(user, "run", "-d", "--name", "rl", "busybox", "sleep", "60")
+    entry, runtime_dir, _, data_home = user
+    r = as_user(user, "run", "-d", "--name", "rl", "busybox", "sh", "-c", "sleep 60 & exec sleep 61")
     assert r.returncode == 0, r.stderr
     cid = r.stdout.strip()
     try:
         state = runtime_dir / "labkit" / "containers" / cid
-        data = Path(entry.pw_dir) / ".local" / "share" / "labkit" / "containers" / cid
+        data = data_home / "labkit" / "containers" / cid
         assert (state / "state.json").is_file() and (data / "config.json").is_file()
         top = as_user(user, "top", "rl")
         assert top.returncode == 0, top.stderr
-        uid, pid, _ppid, cuid, cpid, *cmd = top.stdout.splitlines()[1].split()
-        assert (uid, cuid, cpid, cmd) == (USER, "0", "1", ["sleep", "60"])
+        rows = [line.split() for line in top.stdout.splitlines()[1:]]
+        assert len(rows) == 2, top.stdout  # both processes, found by their PID namespace (no cgroup)
+        uid, pid, _ppid, cuid, cpid, *cmd = rows[0]
+        assert (uid, cuid, cpid, cmd) == (USER, "0", "1", ["sleep", "61"])
         assert os.stat(f"/proc/{pid}").st_uid == entry.pw_uid  # the host's view, from the kernel
         r = as_user(user, "exec", "rl", "sh", "-c", "id -u; touch /made-here")
         assert r.returncode == 0 and r.stdout.strip() == "0", r.stderr
@@ -106,9 +116,8 @@ def test_a_detached_container_runs_as_the_user_and_keeps_its_state_in_the_users_
     (["--privileged"], "a privileged container is root of the host"),
 ])  # fmt: skip
 def test_what_needs_root_is_one_line_and_creates_nothing(user, flags, message):
-    entry = user[0]
     r = as_user(user, "run", "--rm", *flags, "busybox", "true")
     assert r.returncode != 0 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
-    containers = Path(entry.pw_dir) / ".local" / "share" / "labkit" / "containers"
+    containers = user[3] / "labkit" / "containers"
     assert not containers.exists() or list(containers.iterdir()) == []
     assert leftovers() == []

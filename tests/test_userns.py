@@ -39,6 +39,19 @@ def layers(request):
     note.write_text(saved)
 
 
+def _user_xattrs() -> bool:
+    """Can the state root's filesystem hold user.* xattrs (tmpfs only from Linux 6.6 on)?"""
+    probe = Path(os.environ["LABKIT_ROOT"]) / ".xattr-probe"
+    probe.touch()
+    try:
+        os.setxattr(probe, "user.probe", b"1")
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+
+
 def _copies() -> set[str]:
     return {str(p) for p in userns._dir().glob("[0-9]*/*")}
 
@@ -101,6 +114,11 @@ def test_whiteouts_and_opaque_dirs_are_seen_inside_a_user_namespace(tmp_path, la
     try:
         for flag in ("--userns=host", "--userns=auto"):
             r = labkit("run", "--rm", flag, "userns-wh:1", "sh", "-c", "ls /etc; test -e /bin/vi || echo no-vi")
+            if flag == "--userns=auto" and layers == "copy" and not _user_xattrs():
+                # (labkit's small VM keeps the store on a tmpfs of Linux 6.1: no user.* xattrs)
+                assert r.returncode != 0 and "cannot carry overlayfs's user.overlay.opaque mark" in r.stderr
+                assert r.stderr.count("\n") == 1, r.stderr
+                continue
             listed = r.stdout.split()  # (the engine binds hostname, hosts and resolv.conf in /etc)
             assert "only" in listed and "passwd" not in listed and listed[-1] == "no-vi", (flag, r.stdout, r.stderr)
     finally:

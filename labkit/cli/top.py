@@ -1,7 +1,7 @@
 """``labkit top NAME``: a container's processes, each as the host and the container see it.
 
 Every process of the container is in its cgroup, so ``cgroup.procs`` lists them (in host
-pids). For each, /proc/PID/status read from the host gives the host's view: ``Uid`` is
+pids); a rootless container has none, and its processes are those in its PID namespace. For each, /proc/PID/status read from the host gives the host's view: ``Uid`` is
 the host uid, and ``NSpid`` the pid in each PID namespace down to the container's. The
 container's uid is the host uid read back through the container's uid map: with
 ``--userns=auto`` root inside (0) is, say, 1000000 outside; without a user namespace
@@ -17,6 +17,7 @@ Layer: the CLI. Reads labkit.runtime (the container's state and spec) and labkit
 from __future__ import annotations
 
 import argparse
+import os
 import pwd
 
 from labkit.cli.containers import resolve
@@ -52,11 +53,26 @@ def run(command: str, args: argparse.Namespace) -> int:
 
 
 def _pids(state) -> set[int]:
-    """The host pids in the container's cgroup (its init at least)."""
+    """The host pids in the container's cgroup; without one (rootless), every process
+    in init's PID namespace (the same /proc/PID/ns/pid inode)."""
     try:
-        return set(cgroups.open(state.cgroup).procs(recursive=True)) or {state.pid}
+        found = set(cgroups.open(state.cgroup).procs(recursive=True))
+        if found:
+            return found
     except (LabkitError, OSError):
+        pass
+    try:
+        ns = os.stat(f"/proc/{state.pid}/ns/pid").st_ino
+    except OSError:
         return {state.pid}
+    found = set()
+    for name in os.listdir("/proc"):
+        try:
+            if name.isdigit() and os.stat(f"/proc/{name}/ns/pid").st_ino == ns:
+                found.add(int(name))
+        except OSError:
+            continue  # gone, or not ours to look at
+    return found or {state.pid}
 
 
 def _inside(uid: int, uid_map) -> str:

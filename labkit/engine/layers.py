@@ -205,7 +205,11 @@ def _unpack(reader: _HashingReader, tree: _Tree) -> Unpacked:
                 # user namespace (--userns=auto, rootless), which may read only those
                 if os.geteuid() == 0:
                     os.setxattr(parent, OPAQUE_XATTR, b"y")
-                os.setxattr(parent, "user.overlay.opaque", b"y")
+                try:
+                    os.setxattr(parent, "user.overlay.opaque", b"y")
+                except OSError as err:  # a tmpfs before Linux 6.6 has no user.* xattrs
+                    if err.errno != errno.EOPNOTSUPP or os.geteuid() != 0:
+                        raise
                 continue
             if base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
                 skipped.append(member.name)  # aufs's own bookkeeping (.wh..wh.plnk ...)

@@ -19,7 +19,7 @@ ways out:
 - a *chowned copy*: every file of a layer copied once, its owner moved up by the slice's
   first id. It costs disk and one copy per layer and slice (cached here, so the second
   container on the same slice starts as fast as any), and works on every kernel and
-  filesystem, the course VM's tmpfs included.
+  filesystem (a tmpfs on kernels before 6.3, as in labkit's small cgroup v2 VM, included).
 
 labkit takes an idmapped mount where this kernel and the image store's filesystem allow
 it (``idmapped()``, tried once per boot), and the chowned copy elsewhere. A copy also
@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from labkit import paths
-from labkit.errors import InvalidValue, LabkitError, NotFound
+from labkit.errors import InvalidValue, LabkitError, NotFound, Unsupported
 from labkit.kernel import safe
 from labkit.runtime.state import data_dir
 
@@ -203,10 +203,13 @@ def _copy_entry(src: str, dst: str, offset: int, seen: dict, is_dir: bool) -> No
     if is_dir:
         if not os.path.isdir(dst):
             os.mkdir(dst)
-        for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
-            with contextlib.suppress(OSError):
-                if os.getxattr(src, name) == b"y":
-                    os.setxattr(dst, "user.overlay.opaque", b"y")
+        if _is_opaque(src):
+            try:
+                os.setxattr(dst, "user.overlay.opaque", b"y")
+            except OSError as err:
+                raise Unsupported(f"--userns=auto: {src} is an opaque directory, and {dst} cannot carry "
+                                  f"overlayfs's user.overlay.opaque mark ({err.strerror}: a tmpfs before "
+                                  "Linux 6.6 has no user.* xattrs): keep the image store elsewhere") from None
     elif stat.S_ISLNK(st.st_mode):
         os.symlink(os.readlink(src), dst)
     elif st.st_nlink > 1 and (st.st_dev, st.st_ino) in seen:
@@ -224,6 +227,14 @@ def _copy_entry(src: str, dst: str, offset: int, seen: dict, is_dir: bool) -> No
     if not stat.S_ISLNK(st.st_mode):
         os.chmod(dst, mode)  # after chown, which clears the setuid and setgid bits
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
+def _is_opaque(path: str) -> bool:
+    for name in ("trusted.overlay.opaque", "user.overlay.opaque"):
+        with contextlib.suppress(OSError):
+            if os.getxattr(path, name) == b"y":
+                return True
+    return False
 
 
 def original_of(path: Path) -> Path:

@@ -77,6 +77,15 @@ def mountinfo(pid: int | str = "self") -> list[Mount]:
         return parse_mountinfo(f.read())
 
 
+def fstype_of(path: str | os.PathLike) -> str:
+    """The filesystem type ``path`` lies on ("ext4", "tmpfs", "overlay" ...): the mount
+    with the longest mount point that holds it."""
+    real = os.path.realpath(path)
+    best = max((m for m in mountinfo() if real == m.mountpoint or real.startswith(m.mountpoint.rstrip("/") + "/")),
+               key=lambda m: len(m.mountpoint), default=None)  # fmt: skip
+    return best.fstype if best else ""
+
+
 def is_mountpoint(path: str | os.PathLike) -> bool:
     real = os.path.realpath(path)
     return any(m.mountpoint == real for m in mountinfo())

@@ -57,7 +57,15 @@ def mount_rootfs(spec: Spec, root: str, lower_fds: list[int] | None = None) -> N
         data = f"lowerdir={':'.join(layers)},upperdir={spec.upper},workdir={spec.work}"
         if "user" in spec.namespaces:  # in a user namespace only user.* xattrs mark opaque dirs
             data += ",userxattr"
-        syscalls.mount("overlay", root, "overlay", 0, data)
+        try:
+            syscalls.mount("overlay", root, "overlay", 0, data)
+        except SyscallError as err:
+            if err.errno == errno.EINVAL and mounts.fstype_of(spec.upper) == "overlay":
+                raise SyscallError(err.errno, "mount", f"overlay -> {root!r}",
+                                   f"the upper dir {spec.upper} lies on an overlayfs, which overlayfs cannot "
+                                   "write into: put the state root on ext4, xfs, btrfs or tmpfs (LABKIT_ROOT; "
+                                   "rootless: XDG_DATA_HOME)") from None  # fmt: skip
+            raise
     else:
         mounts.bind(root, root)
 
