@@ -35,9 +35,18 @@ def _env_root() -> Path | None:
     return Path(root) if root else None
 
 
+_rootless: bool | None = None
+
+
 def rootless() -> bool:
-    """labkit runs as an ordinary user: containers in user namespaces, state in their home."""
-    return os.geteuid() != 0
+    """labkit runs as an ordinary user: containers in user namespaces, state in their home.
+
+    Decided once per process, and inherited by its forks: a child that has joined a
+    container's user namespace is uid 0 there, yet works on its parent's state root."""
+    global _rootless
+    if _rootless is None:
+        _rootless = os.geteuid() != 0
+    return _rootless
 
 
 def lib_root() -> Path:

@@ -100,8 +100,9 @@ def _new_name(taken: set[str]) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from labkit.runtime import container
 
-    container_id, spec, common = _prepare(args)
+    container_id = os.urandom(32).hex()
     with _released_on_failure(container_id):
+        spec, common = _prepare(args, container_id)
         if args.detach:
             _create_detached(container_id, spec, args, common)
             container.start(container_id)
@@ -113,14 +114,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 def create(args: argparse.Namespace) -> str:
     """``docker create``: everything ``run -d`` does but the start; the new id. The
     Engine API's POST /containers/create comes here (labkit/cli/api)."""
-    container_id, spec, common = _prepare(args)
+    container_id = os.urandom(32).hex()
     with _released_on_failure(container_id):
+        spec, common = _prepare(args, container_id)
         _create_detached(container_id, spec, args, common)
     return container_id
 
 
-def _prepare(args: argparse.Namespace):
-    """Check the name, build the spec from the image and flags, connect the network."""
+def _prepare(args: argparse.Namespace, container_id: str):
+    """Check the name, build the spec from the image and flags, connect the network
+    (the caller gives back what was taken for ``container_id`` if this fails)."""
     from labkit.runtime import container
 
     taken = {s.name for s in container.list_states()}
@@ -129,12 +132,11 @@ def _prepare(args: argparse.Namespace):
             raise InvalidValue("container name", args.name, "letters, digits, '_', '.', '-', e.g. web1")
         if args.name in taken:
             raise AlreadyExists(f"container name {args.name!r} is already in use (labkit rm {args.name})")
-    container_id = os.urandom(32).hex()
     spec, image = runflags.build_spec(args, container_id)
     wanted = runflags.published(args, image)
     name = args.name or _new_name(taken)
     common = {"name": name, "image": image.ref, "auto_remove": args.rm}
-    return container_id, _connect(container_id, name, spec, args.network, wanted), common
+    return _connect(container_id, name, spec, args.network, wanted), common
 
 
 @contextlib.contextmanager

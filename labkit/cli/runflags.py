@@ -74,11 +74,15 @@ def build_spec(args: argparse.Namespace, container_id: str):
         owned = userns.allocate(container_id)  # a lease: run.py gives it back if the create fails
         ids = {"uid_map": owned.uid_map(), "gid_map": owned.uid_map()}
         namespaces += ("user",)
-        if userns.idmapped():  # the layers as they are, seen through the map
-            userns.check_reachable(st.data_dir(container_id).parent, owned)
-            ids["idmap_layers"] = True
-        else:  # a copy of each, owned by the slice's ids
-            layers = userns.shifted_layers(layers, owned)
+        try:
+            if userns.idmapped():  # the layers as they are, seen through the map
+                userns.check_reachable(st.data_dir(container_id).parent, owned)
+                ids["idmap_layers"] = True
+            else:  # a copy of each, owned by the slice's ids
+                layers = userns.shifted_layers(layers, owned)
+        except BaseException:
+            userns.release(container_id)
+            raise
     lib = st.data_dir(container_id)
     mounts = _base_mounts(args.privileged) + tuple(Mount(dst, "bind", src, ("rbind", "ro" if ro else "rw")) for src, dst, ro in volumes)
     return Spec(
