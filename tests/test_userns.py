@@ -146,3 +146,18 @@ def test_bad_userns_flags_are_one_line_and_create_nothing(flags, message):
     assert r.returncode != 0 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert labkit("ps", "-a", "-q").stdout == before and leftovers() == []
     assert not list((userns._dir() / "leases").glob("*")) if (userns._dir() / "leases").exists() else True
+
+
+def test_commit_of_a_userns_container_keeps_the_owners_it_saw_inside():
+    r = labkit("run", "-d", "--name", "userns-c", "--userns=auto", "busybox", "sh", "-c",
+               "echo x > /root-file; touch /nobody-file; chown 65534:65534 /nobody-file; sleep 60")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    until_ok = labkit("exec", "userns-c", "test", "-e", "/nobody-file")
+    assert until_ok.returncode == 0, until_ok.stderr
+    assert labkit("commit", "userns-c", "userns-commit:1").returncode == 0
+    try:
+        r = labkit("run", "--rm", "userns-commit:1", "stat", "-c", "%u %g %n", "/root-file", "/nobody-file")
+        assert r.stdout.splitlines() == ["0 0 /root-file", "65534 65534 /nobody-file"], r.stderr
+    finally:
+        labkit("rm", "-f", "userns-c")
+        labkit("rmi", "userns-commit:1")

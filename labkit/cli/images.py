@@ -232,7 +232,8 @@ def cmd_commit(args: argparse.Namespace) -> int:
     upper = st.data_dir(cid) / "upper"
     if not upper.is_dir():
         raise InvalidValue("container", args.container, "a container whose root is an overlay of image layers")
+    spec = container.spec_of(cid)  # with a user namespace, the owners are read back through its maps
     image_id = inventory.commit(upper, state.image, args.repository, author=args.author, comment=args.message,
-                                created_by=" ".join(state.command))  # fmt: skip
+                                created_by=" ".join(state.command), maps=(spec.uid_map, spec.gid_map))  # fmt: skip
     print(image_id)
     return 0

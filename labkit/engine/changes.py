@@ -54,6 +54,14 @@ def _plain(info: tarfile.TarInfo, name: str) -> tarfile.TarInfo:
     return info
 
 
+def _inside(host_id: int, rows) -> int:
+    """``host_id`` as a user namespace with map ``rows`` shows it (no map: the same; not
+    mapped: 65534, the kernel's overflow id)."""
+    if not rows:
+        return host_id
+    return next((inside + host_id - host for inside, host, n in rows if host <= host_id < host + n), 65534)
+
+
 def _empty(name: str, mtime: float) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.mtime = int(mtime)
@@ -61,11 +69,13 @@ def _empty(name: str, mtime: float) -> tarfile.TarInfo:
     return info
 
 
-def pack(upper: str | os.PathLike[str], out: BinaryIO, skip_mount_points: bool = False) -> int:
+def pack(upper: str | os.PathLike[str], out: BinaryIO, skip_mount_points: bool = False,
+         maps: tuple = ((), ())) -> int:  # fmt: skip
     """Write the changes in directory ``upper`` to ``out`` as a layer tar; the number of
     members written. ``skip_mount_points`` leaves out /dev, /proc and /sys when they are
     empty directories, and the empty mount points of MOUNT_FILES (what a container's
-    runtime made, not what its command did)."""
+    runtime made, not what its command did). ``maps`` (uid map, gid map: rows of inside,
+    host, count) turns the host's owners back into the container's, as it saw them."""
     top = Path(upper)
     count = 0
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
@@ -92,6 +102,7 @@ def pack(upper: str | os.PathLike[str], out: BinaryIO, skip_mount_points: bool =
                         or stat.S_ISFIFO(st.st_mode)):  # fmt: skip
                     continue  # devices and sockets: the runtime's business, not the image's
                 info = _plain(tar.gettarinfo(str(full), arcname=arc), arc)
+                info.uid, info.gid = _inside(info.uid, maps[0]), _inside(info.gid, maps[1])
                 if info.isreg():
                     with open(full, "rb") as f:
                         tar.addfile(info, f)

@@ -68,15 +68,17 @@ def inspect(ref: str) -> dict:
 
 
 def commit(upper: str | os.PathLike[str], base_ref: str, ref: str, author: str = "", comment: str = "",
-           created_by: str = "") -> str:  # fmt: skip
+           created_by: str = "", maps: tuple = ((), ())) -> str:  # fmt: skip
     """A new image: ``base_ref``'s layers plus the changes in ``upper``; its ID. With
-    ``ref`` '' the image is stored untagged."""
+    ``ref`` '' the image is stored untagged. ``maps``: the container's uid and gid maps,
+    if it had a user namespace (its root's files are host uid 1000000's on disk, 0's in
+    the image)."""
     base = images.get(base_ref)
     doc = images.config_doc(base.id)
     fd, tar = tempfile.mkstemp(prefix=".commit-", suffix=".tar", dir=images._store())
     try:
         with os.fdopen(fd, "wb") as out:
-            changes.pack(upper, out, skip_mount_points=True)
+            changes.pack(upper, out, skip_mount_points=True, maps=maps)
         diff_id = changes.store(tar)
     finally:
         os.unlink(tar)
