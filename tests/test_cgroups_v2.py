@@ -110,7 +110,7 @@ def test_checkpoint_round_trips_pass_in_a_cgroup_v2_guest(capsys):
 # where a private cgroup namespace reads 0::/. In-process only: labkitd adds nothing here.
 # (The kernel's part only: the flags' parsing and the two-container leases are the host's.)
 USERNS = ("tests/test_userns.py tests/test_rootless.py -k 'not labkitd and (root_inside or whiteouts or "
-          "cgroupns or root_in_the_container or detached)'")  # fmt: skip
+          "cgroupns or root_in_the_container or detached or delegated)'")  # fmt: skip
 
 
 def test_user_namespace_tests_pass_in_a_cgroup_v2_guest(capsys):

@@ -121,3 +121,46 @@ def test_what_needs_root_is_one_line_and_creates_nothing(user, flags, message):
     containers = user[3] / "labkit" / "containers"
     assert not containers.exists() or list(containers.iterdir()) == []
     assert leftovers() == []
+
+
+def test_limits_where_a_cgroup_v2_subtree_is_delegated_to_the_user(user):
+    """What systemd does for a user's session with Delegate=yes, done by hand: a cgroup
+    the user owns (its directory and its cgroup.procs, cgroup.subtree_control and
+    cgroup.threads), with the user's process in a leaf below it. labkit nests its groups
+    there, and -m applies; on cgroup v1, which is never delegated, the test cannot run."""
+    from labkit.kernel import cgroups
+    from labkit.kernel.cgroups.detect import v2_base
+
+    if cgroups.version() != 2:
+        pytest.skip("cgroup v1 here: only cgroup v2 can be delegated (the v2 guest runs this)")
+    entry = user[0]
+    home = Path("/sys/fs/cgroup") / Path("/proc/self/cgroup").read_text().strip().split("::", 1)[1].lstrip("/")
+    base = v2_base() / f"lkrootless-{os.getpid()}"  # inside our own tree, where labkit nests too
+    leaf = base / "session"
+    leaf.mkdir(parents=True)
+    try:
+        controllers = set((base.parent / "cgroup.subtree_control").read_text().split())
+        for name in ("memory", "pids"):
+            if name not in controllers:
+                (base.parent / "cgroup.subtree_control").write_text(f"+{name}")
+        (base / "cgroup.subtree_control").write_text("+memory +pids")
+        for path in (base, *(base / f for f in ("cgroup.procs", "cgroup.subtree_control", "cgroup.threads"))):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+        os.chown(leaf, entry.pw_uid, entry.pw_gid)
+        os.chown(leaf / "cgroup.procs", entry.pw_uid, entry.pw_gid)
+        # the user's session: its processes start in the leaf
+        (leaf / "cgroup.procs").write_text("0")  # (this process, for the moment of the fork below)
+        try:
+            r = as_user(user, "run", "--rm", "-m", "64m", "busybox", "sh", "-c",
+                        "cat /sys/fs/cgroup/memory.max; cat /proc/self/cgroup")  # fmt: skip
+        finally:
+            (home / "cgroup.procs").write_text("0")  # back where we were
+        assert r.returncode == 0, r.stderr
+        limit, where = r.stdout.split()
+        assert limit == str(64 * 1024 * 1024)
+        assert where.startswith(f"0::/{base.relative_to('/sys/fs/cgroup')}/labkit/containers/"), where
+    finally:
+        for d in sorted(base.rglob("*"), key=lambda p: -len(p.parts)):
+            if d.is_dir():
+                d.rmdir()
+        base.rmdir()
