@@ -433,8 +433,9 @@ def _one(bench, s: Setup, script, limits, timeout, rootless_user, n) -> tuple[in
 
 def _ran(s: Setup, rc: int, out: str) -> tuple[int, str]:
     if "@@" not in out:  # the container never ran: the flag or the mode is not there
-        raise _NotHere(f"{s.label.replace(chr(10), ' ')}: "
-                       + (out.strip().splitlines() or [f"exit {rc}"])[-1][:120])
+        lines = [line for line in out.strip().splitlines() if not line.startswith("See ")] or [f"exit {rc}"]
+        said = next((line for line in lines if "error" in line.lower() or line.startswith("labkit:")), lines[-1])
+        raise _NotHere(f"{s.label.replace(chr(10), ' ')}: {said[:120]}")
     return rc, out
 
 
@@ -452,6 +453,10 @@ def plot(card: Card, title: str = "09 · The isolation scorecard: escape attempt
     from labkit.lab import plots
 
     reasons = "; ".join(f"n/a {k}: {why}" for k, why in card.na.items())
+    if not os.path.exists("/proc/kcore"):
+        reasons += "; this kernel has no /proc/kcore: its row reads /proc/timer_list"
+    if not os.path.exists("/proc/modules"):
+        reasons += "; this kernel loads no modules (ENOSYS before any permission check): its row is all denied"
     what = (f"each attempt run {'once' if n == 1 else f'{n} times'} per set-up (n={n}), busybox image, "
             "--network none; plain process and chroot run harmless probes of the permission "
             "(mount of a made-up type, reboot(2) with a wrong magic), never the act. " + reasons)
