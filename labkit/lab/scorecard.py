@@ -26,16 +26,22 @@ Layer: lab (imports the kernel and the engine; drives the CLI through ``python -
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from labkit.lab.scorecard_probe import build_probe
 
 OUTCOMES = ("denied", "contained", "succeeded")
 NA = "n/a"
@@ -128,6 +134,7 @@ class Card:
     outcome: dict[str, dict[str, str]] = field(default_factory=dict)
     na: dict[str, str] = field(default_factory=dict)
     output: dict[str, dict[str, str]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what a column had to do without
 
     def letter(self, attempt: str, setup: str) -> str:
         o = self.outcome[attempt][setup]
@@ -138,67 +145,6 @@ class Card:
         head = " " * width + " " + " ".join(f"{s.key[:5]:>5}" for s in self.setups)
         rows = [f"{a:<{width}} " + " ".join(f"{self.letter(a, s.key):>5}" for s in self.setups) for a in self.attempts]
         return "\n".join([head, *rows])
-
-
-# --- the probe: the system calls busybox has no applet for -------------------------------
-
-PROBE_C = r"""
-/* nb09-probe: try one system call and say YES (allowed), HELD or NO <errno>. */
-#define _GNU_SOURCE
-#include <errno.h>
-#include <fcntl.h>
-#include <netinet/in.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ptrace.h>
-#include <sys/socket.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
-static int no(void) { printf("NO %s\n", strerrorname_np(errno)); return 1; }
-static int yes(void) { puts("YES"); return 0; }
-
-int main(int argc, char **argv) {
-    const char *what = argc > 1 ? argv[1] : "";
-    if (!strcmp(what, "reboot")) {   /* magic2 wrong: EINVAL if CAP_SYS_BOOT, else EPERM */
-        if (syscall(SYS_reboot, 0xfee1dead, 0, 0x12345678, 0) == 0 || errno == EINVAL) return yes();
-        return no();
-    }
-    if (!strcmp(what, "keyctl")) {   /* KEYCTL_GET_KEYRING_ID of the session keyring, no create */
-        if (syscall(SYS_keyctl, 0, -3, 0) >= 0 || errno == ENOKEY) return yes();
-        return no();
-    }
-    if (!strcmp(what, "raw")) return socket(AF_INET, SOCK_RAW, IPPROTO_ICMP) >= 0 ? yes() : no();
-    if (!strcmp(what, "ptrace") && argc > 2)  /* SEIZE does not stop the tracee; exit detaches */
-        return ptrace(PTRACE_SEIZE, atoi(argv[2]), 0, 0) == 0 ? yes() : no();
-    if (!strcmp(what, "shocker")) {  /* a made-up handle: EPERM means the call itself is refused */
-        struct { unsigned int bytes; int type; unsigned int ino, gen; } h = {8, 1, 2, 0};
-        int root = open("/", O_RDONLY | O_DIRECTORY);
-        if (syscall(SYS_open_by_handle_at, root, &h, O_RDONLY) >= 0 || (errno != EPERM && errno != EACCES))
-            return yes();
-        return no();
-    }
-    if (!strcmp(what, "escape") && argc > 2) {  /* chroot into a subdirectory, climb out of it */
-        if (chdir("/") || chroot("dev")) return no();
-        for (int i = 0; i < 64; i++) chdir("..");
-        chroot(".");
-        if (access(argv[2], F_OK) == 0) return yes();
-        puts("HELD");
-        return 0;
-    }
-    fprintf(stderr, "usage: nb09-probe reboot|keyctl|raw|ptrace PID|shocker|escape PATH\n");
-    return 2;
-}
-"""
-
-
-def build_probe(where: Path) -> Path:
-    """Compile PROBE_C statically (it runs inside busybox images, which have no libc)."""
-    src, out = where / "nb09-probe.c", where / "nb09-probe"
-    src.write_text(PROBE_C)
-    subprocess.run(["gcc", "-static", "-O1", "-o", str(out), str(src)], check=True, capture_output=True, timeout=120)
-    return out
 
 
 # --- the runners: one per kind of set-up -------------------------------------------------
@@ -217,12 +163,23 @@ class _Bench:
     """The scratch directory, the probe, the host-side sentinels, one busybox rootfs."""
 
     def __init__(self, prefix: str) -> None:
-        from labkit.engine import rootfs
-
         self.prefix = prefix
         self.dir = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/tmp"))
         self.dir.chmod(0o755)  # the rootless column's user reads the probe
-        self.probe = build_probe(self.dir)
+        try:
+            self.probe = build_probe(self.dir)
+            self._unpack()
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        busybox = shutil.which("busybox") or "/bin/busybox"
+        self.busybox = busybox
+        # a host process to look for and to ptrace: a shell and its sleep, in a group of their own
+        self.sentinel = subprocess.Popen([busybox, "sh", "-c", "sleep 600; :", "nb09-sentinel"], start_new_session=True)
+
+    def _unpack(self) -> None:
+        from labkit.engine import rootfs
+
         self.rootfs = self.dir / "rootfs"
         with tarfile.open(fileobj=io.BytesIO(rootfs.busybox_tar())) as tar:
             # our own tar: trusted (the filter argument exists from Python 3.12 on)
@@ -233,9 +190,6 @@ class _Bench:
             os.mknod(self.rootfs / "dev" / name, 0o20666, os.makedev(1, minor))
         (self.dir / "host-only").write_text("only on the host\n")
         self.hostfile = self.dir / "written-from-inside"
-        busybox = shutil.which("busybox") or "/bin/busybox"
-        self.busybox = busybox
-        self.sentinel = subprocess.Popen([busybox, "sh", "-c", "sleep 600; :", "nb09-sentinel"])
 
     def env(self, inside: bool) -> dict[str, str]:
         return {"PATH": "/bin:/sbin:/usr/bin:/usr/sbin", "T": "/tmp" if inside else str(self.dir),
@@ -244,7 +198,7 @@ class _Bench:
                 "HOSTONLY": str(self.dir / "host-only"), "SENTINEL": str(self.sentinel.pid)}
 
     def close(self) -> None:
-        self.sentinel.kill()
+        os.killpg(self.sentinel.pid, signal.SIGKILL)  # the shell and its sleep
         self.sentinel.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -314,14 +268,49 @@ def _run_stage(bench: _Bench, script: str, stage: int, limits: dict, timeout: fl
             cg.remove()
 
 
-def _run_cli(bench: _Bench, script: str, setup: Setup, limits: dict, timeout: float, user: str | None):
+@dataclass(frozen=True)
+class User:
+    """An ordinary user for the rootless column: its name and the environment it runs in."""
+
+    name: str
+    env: dict[str, str]
+
+
+@contextlib.contextmanager
+def ordinary_user(name: str = "nb09-rootless", subids: str = "400000:65536") -> Iterator[User]:
+    """A new unprivileged user with a subordinate id range (/etc/subuid, /etc/subgid) and a
+    runtime dir of its own; removed afterwards, with its home and the lines added here."""
+    subprocess.run(["userdel", "-r", name], capture_output=True)  # from a run that was killed
+    subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True, capture_output=True)
+    added = []
+    for path in ("/etc/subuid", "/etc/subgid"):  # useradd may have added one (SUB_UID_COUNT)
+        if not any(line.startswith(name + ":") for line in Path(path).read_text().splitlines()):
+            with open(path, "a") as f:
+                f.write(f"{name}:{subids}\n")
+            added.append(path)
+    entry = pwd.getpwnam(name)
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{name}-run-"))
+    os.chown(run_dir, entry.pw_uid, entry.pw_gid)
+    env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "HOME": entry.pw_dir, "XDG_RUNTIME_DIR": str(run_dir),
+           "PYTHONPATH": os.environ.get("PYTHONPATH", ""), "LANG": "C.UTF-8"}
+    try:
+        yield User(name, env)
+    finally:
+        subprocess.run(["userdel", "-r", name], capture_output=True)
+        for path in added:  # only our own line, in case userdel left it
+            lines = Path(path).read_text().splitlines(keepends=True)
+            Path(path).write_text("".join(line for line in lines if line != f"{name}:{subids}\n"))
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _run_cli(bench: _Bench, script: str, setup: Setup, limits: dict, timeout: float, user: User | None):
     flags = ["--rm", "--network", "none", "-v", f"{bench.probe}:/nb09-probe:ro", *setup.cli]
     flags += [f"--{'pids-limit' if k == 'pids' else k}={v}" for k, v in limits.items()]
     for k, v in bench.env(inside=True).items():
         flags += ["-e", f"{k}={v}"]
     argv = [sys.executable, "-m", "labkit", "run", *flags, "busybox", "sh", "-c", script]
     if user:  # rootless: the same command as an ordinary user, with this labkit
-        argv = ["runuser", "-u", user, "--", "env", f"PYTHONPATH={os.environ.get('PYTHONPATH', '')}", *argv]
+        argv = ["runuser", "-u", user.name, "--", "env", "-i", *(f"{k}={v}" for k, v in user.env.items()), *argv]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     return r.returncode, r.stdout + r.stderr
 
@@ -385,7 +374,7 @@ def _sections(out: str, count: int) -> list[str]:
 
 
 def run(setups: tuple[Setup, ...] = SETUPS, attempts: tuple[Attempt, ...] = ATTEMPTS, *,
-        rootless_user: str | None = None, prefix: str = "nb09-score", timeout: float = 60) -> Card:
+        rootless_user: User | None = None, prefix: str = "nb09-score", timeout: float = 60) -> Card:
     """Every attempt in every set-up, once: a Card. A set-up that cannot run here is n/a."""
     card = Card([a.name for a in attempts], list(setups))
     bench = _Bench(prefix)
@@ -399,7 +388,7 @@ def run(setups: tuple[Setup, ...] = SETUPS, attempts: tuple[Attempt, ...] = ATTE
                 # host_cmd (the harmless probe) wherever there is no PID namespace of its own
                 script = _script(group, host="pid" not in s.isolates)
                 try:
-                    _rc, out = _one(bench, s, script, limits, timeout, rootless_user, n * 10 + k)
+                    _rc, out = _one(bench, s, script, limits, timeout, rootless_user, n * 10 + k, card.notes)
                 except _NotHere as why:
                     card.na[s.key] = str(why)
                     break
@@ -417,7 +406,7 @@ class _NotHere(Exception):
     """A set-up that cannot run on this machine; the message is the figure's reason."""
 
 
-def _one(bench, s: Setup, script, limits, timeout, rootless_user, n) -> tuple[int, str]:
+def _one(bench, s: Setup, script, limits, timeout, rootless_user, n, notes: list[str]) -> tuple[int, str]:
     if s.key in ("plain", "chroot"):
         return _ran(s, *_run_host(bench, script, s.key == "chroot", timeout))
     if s.stage >= 0:
@@ -427,8 +416,14 @@ def _one(bench, s: Setup, script, limits, timeout, rootless_user, n) -> tuple[in
             raise _NotHere("runc is not installed")
         return _ran(s, *_run_runc(bench, script, limits, timeout, n))
     if s.key == "rootless" and not rootless_user:
-        raise _NotHere("no unprivileged user with an /etc/subuid range was given")
-    return _ran(s, *_run_cli(bench, script, s, limits, timeout, rootless_user if s.key == "rootless" else None))
+        raise _NotHere("no ordinary user given (scorecard.ordinary_user() makes one)")
+    user = rootless_user if s.key == "rootless" else None
+    rc, out = _run_cli(bench, script, s, limits, timeout, user)
+    if limits and "@@" not in out and "not available" in out:  # rootless without delegated cgroups
+        notes.append(f"{s.label.replace(chr(10), ' ')}: no limits here ({out.strip().splitlines()[0][8:90]}...),"
+                     " so the finite fork bomb and hog ran unheld")
+        rc, out = _run_cli(bench, script, s, {}, timeout, user)
+    return _ran(s, rc, out)
 
 
 def _ran(s: Setup, rc: int, out: str) -> tuple[int, str]:
@@ -452,7 +447,7 @@ def plot(card: Card, title: str = "09 · The isolation scorecard: escape attempt
 
     from labkit.lab import plots
 
-    reasons = "; ".join(f"n/a {k}: {why}" for k, why in card.na.items())
+    reasons = "; ".join([f"n/a {k}: {why}" for k, why in card.na.items()] + sorted(set(card.notes)))
     if not os.path.exists("/proc/kcore"):
         reasons += "; this kernel has no /proc/kcore: its row reads /proc/timer_list"
     if not os.path.exists("/proc/modules"):
