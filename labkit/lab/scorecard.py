@@ -450,6 +450,8 @@ def plot(card: Card, title: str = "09 · The isolation scorecard: escape attempt
     reasons = "; ".join([f"n/a {k}: {why}" for k, why in card.na.items()] + sorted(set(card.notes)))
     if not os.path.exists("/proc/kcore"):
         reasons += "; this kernel has no /proc/kcore: its row reads /proc/timer_list"
+    if card.outcome.get("mknod + read the disk", {}).get("plain") == "denied":
+        reasons += "; even a plain process may not read the disk here: this machine's own device cgroup"
     if not os.path.exists("/proc/modules"):
         reasons += "; this kernel loads no modules (ENOSYS before any permission check): its row is all denied"
     what = (f"each attempt run {'once' if n == 1 else f'{n} times'} per set-up (n={n}), busybox image, "
