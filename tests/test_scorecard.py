@@ -69,3 +69,19 @@ def test_a_set_up_that_cannot_run_is_na_with_its_reason():
     assert "unrecognized arguments" in c.na["broken"], c.na
     c = card(["rootless"], ["sethostname"])  # no user given
     assert c.outcome["sethostname"]["rootless"] == scorecard.NA and "user" in c.na["rootless"]
+
+
+def test_the_figure_has_a_title_labels_a_legend_and_the_machine():
+    from labkit.lab import plots
+
+    setups = [SETUP["plain"], SETUP["rootless"]]
+    c = scorecard.Card(["sethostname"], setups, {"sethostname": {"plain": "succeeded", "rootless": scorecard.NA}},
+                       {"rootless": "no user here"})
+    fig = scorecard.plot(c)
+    footer = " ".join(t.get_text() for t in fig.texts).replace("\n", " ")  # wrapped to the width
+    assert fig._suptitle.get_text() and plots.machine() in footer and "n/a rootless: no user here" in footer
+    assert "n=1" in footer
+    ax = fig.axes[0]
+    assert ax.get_xlabel() and ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [*scorecard.OUTCOMES, scorecard.NA]
+    assert [p.get_hatch() for p in ax.patches] == [None, "//"]  # the n/a cell is hatched
