@@ -163,7 +163,7 @@ class _Bench:
     """The scratch directory, the probe, the host-side sentinels, one busybox rootfs."""
 
     def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
+        self.prefix = f"{prefix}-{os.getpid()}"  # its cgroup and runc's containers: unique per run
         self.dir = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/tmp"))
         self.dir.chmod(0o755)  # the rootless column's user reads the probe
         try:
