@@ -275,6 +275,31 @@ WRONG: dict[str, list[str]] = {
         'return table',
     ],
     # --- 10: images and builds
+    # --- 09: user namespaces, capabilities, seccomp
+    "09.1": [
+        "return os.stat(path).st_uid  # the host's view: 100005",
+        'done = namespaces.run(["ls", "-ln", str(path)], new={"user"})  # no map: every owner is nobody\n'
+        "return int(done.stdout.split()[2])",
+        "swapped = [(outside, inside, n) for inside, outside, n in uid_map]  # inside and outside swapped\n"
+        'done = namespaces.run(["ls", "-ln", str(path)], new={"user"}, uid_map=swapped, gid_map=swapped)\n'
+        "return int(done.stdout.split()[2])",
+        'done = namespaces.run(["ls", "-ln", str(path)], new={"user"}, uid_map=uid_map, gid_map=uid_map)\n'
+        "return done.stdout.split()[2]  # a str, not an int",
+    ],
+    "09.2": [
+        'security.drop_bounding([c for c in security.capsets().names("bounding") if c != cap])  # bounding set only',
+        "security.keep_only([cap])  # keeps the one it should drop, drops the rest",
+        'keep = [c for c in security.capsets().names("effective") if c != cap]\n'
+        "security.set_caps(keep, keep)  # the bounding set still has it",
+    ],
+    "09.3": [
+        'return seccomp.Filter(default_action="SCMP_ACT_ALLOW",\n'
+        '                      rules=(seccomp.Rule((name,), "SCMP_ACT_KILL"),))  # kills instead of failing',
+        'return seccomp.Filter(default_action="SCMP_ACT_ALLOW",\n'
+        '                      rules=(seccomp.Rule((name,), "SCMP_ACT_ERRNO", errno_ret=errno.ENOSYS),))  # another errno',
+        'return seccomp.Filter(default_action="SCMP_ACT_ERRNO",\n'
+        '                      rules=(seccomp.Rule((name,), "SCMP_ACT_ALLOW"),))  # the other way round: all else fails',
+    ],
     "10.1": [
         'return [d for d in diff_ids]  # DiffIDs, not chain IDs',
         'out = []\n'

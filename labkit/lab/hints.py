@@ -272,6 +272,30 @@ HINTS: dict[str, Hint] = {
         'table.publish(host_port, ip, port, tag="nb08")\n'
         "return table",
     ),
+    "09.1": Hint(
+        "user_namespaces(7), /proc/PID/uid_map; namespaces.run(..., new={'user'}, uid_map=, gid_map=)",
+        "A new user namespace needs a map from its ids to the host's; the parent writes it, which "
+        "namespaces.run does for you when you pass the maps (both uid and gid). Inside, ls -ln prints "
+        "numbers, as the kernel translates them at the boundary; the owner is the third field.",
+        'done = namespaces.run(["ls", "-ln", str(path)], new={"user"}, uid_map=uid_map, gid_map=uid_map)\n'
+        "return int(done.stdout.split()[2])",
+    ),
+    "09.2": Hint(
+        "capabilities(7): the bounding, effective and permitted sets; security.capsets, security.keep_only",
+        "Dropping a capability for good takes it out of the bounding set (so no execve brings it back) "
+        "and out of the effective and permitted sets (so this process loses it now). Start from what the "
+        "process holds and leave out only the one you were given.",
+        'keep = [c for c in security.capsets().names("bounding") if c != cap]\n'
+        "security.keep_only(keep)",
+    ),
+    "09.3": Hint(
+        "seccomp(2), seccomp_rule_add(3); seccomp.Filter, seccomp.Rule",
+        "A filter has a default action for every call no rule names, and rules for the names it does. "
+        "To block one call, the default must let everything through, and the one rule must make the "
+        "call fail with an errno the program can handle (EPERM), not kill it.",
+        'return seccomp.Filter(default_action="SCMP_ACT_ALLOW",\n'
+        '                      rules=(seccomp.Rule((name,), "SCMP_ACT_ERRNO", errno_ret=errno.EPERM),))',
+    ),
     "10.1": Hint(
         "OCI image spec, config.md: Layer ChainID",
         "A chain ID names a layer together with every layer under it. The bottom one has nothing "
