@@ -28,7 +28,7 @@ PY = sys.executable
 
 # --- generation -------------------------------------------------------------------------
 
-SOLUTION_CELL = '''# EXERCISE 09.2: do the thing
+SOLUTION_CELL = '''# EXERCISE 99.2: do the thing
 # HINT: call do_it()
 def f():
     x = 1
@@ -46,10 +46,10 @@ def test_blank_code_stubs_the_region_keeps_the_rest():
     out = notebooks.blank_code(SOLUTION_CELL)
     assert "do_it(x)" not in out and "secret" not in out and "BEGIN" not in out
     assert "    # HINT: the inner hint stays\n" in out  # the region's hints, at its indentation
-    stub = checks.stub_message("09.2", "call do_it()")
+    stub = checks.stub_message("99.2", "call do_it()")
     assert f"    raise NotImplementedError({stub!r})" in out
-    assert out.startswith("# EXERCISE 09.2") and out.endswith('print("after")')
-    assert notebooks.exercise_ids(out) == ({"09.2"}, set())
+    assert out.startswith("# EXERCISE 99.2") and out.endswith('print("after")')
+    assert notebooks.exercise_ids(out) == ({"99.2"}, set())
 
 
 def test_blank_code_refuses_bad_markers():
