@@ -184,6 +184,18 @@ def test_vagrantfile_box_and_libvirt_driver_from_the_environment():
         assert f'{name}="{bad}"' in result.stderr and accepted in result.stderr, result.stderr
 
 
+def test_ci_runs_the_vm_test_only_when_its_files_changed(tmp_path):
+    stamp = tmp_path / "vm-tested"
+    changed = lambda *args: subprocess.run(["bash", str(REPO / "scripts" / "vm_changed.sh"), *args],  # noqa: E731
+                                           env={**os.environ, "LABKIT_VM_TESTED": str(stamp)}, timeout=60).returncode
+    assert changed() == 0  # never passed: run it
+    assert changed("--stamp") == 0
+    assert changed() == 1  # as when it passed: skip it
+    stamp.write_text("0" * 64 + "\n")  # another state of the files than the one tested
+    assert changed() == 0
+    assert changed("--bogus") == 2
+
+
 def lab_url(output: str) -> tuple[int, str]:
     found = URL.findall(output)
     assert found, f"no lab URL in vagrant's output:\n{output[-2000:]}"
