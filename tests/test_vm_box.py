@@ -1,6 +1,7 @@
 """The course's base box, built here from Debian's packages (scripts/build_box.py), and
 booted with qemu directly (scripts/boot_box.py): systemd as PID 1, cgroup v2, Vagrant's
-insecure key.
+insecure key; and, where libvirt cannot run, the stand-in for `vagrant up`: the checkout
+over 9p and provision.sh as Vagrant runs it.
 
 Booting a guest under software emulation takes minutes, so these run only under
 `make test-vm` (LABKIT_TEST_VM=1); the normal suite skips them. Each test leaves nothing
@@ -94,3 +95,21 @@ def test_box_boots_with_systemd_and_vagrants_insecure_key(box):
         assert subprocess.run(argv, capture_output=True, timeout=60).returncode == 255
     assert_nothing_left()
 
+
+@pytest.mark.skipif(os.path.exists("/usr/sbin/libvirtd") and os.environ.get("LABKIT_TEST_VM_DIRECT") != "1",
+                    reason="libvirt runs here: test_vm_vagrant.py does this through Vagrant "
+                           "(LABKIT_TEST_VM_DIRECT=1 runs this fallback too)")
+def test_checkout_over_9p_and_provision_sh_runs_as_vagrant_runs_it():
+    """The qemu-direct stand-in for `vagrant up` where libvirt cannot run: the ready box,
+    /vagrant over 9p, provision.sh --service uploaded and run with sudo as Vagrant runs it."""
+    box = build_box.build(ready=True)
+    with boot_box.BoxVM(box, cpus=2, memory_mib=4096, share=True, forward=(8888,)) as vm:
+        assert vm.ssh("test -f /vagrant/pyproject.toml && findmnt -no FSTYPE /vagrant").stdout.strip() == "9p"
+        started = time.monotonic()
+        out = vm.provision("--service").stdout
+        print(f"\nprovision.sh --service in the box: {time.monotonic() - started:.0f} s")
+        assert "untried" not in out  # Debian 13 is supported
+        for unit in ("labkitd", "labkit-lab"):
+            assert vm.ssh(f"systemctl is-active {unit}", check=False).stdout.strip() == "active", \
+                vm.ssh(f"sudo journalctl -u {unit} --no-pager | tail -30", check=False).stdout
+    assert_nothing_left()
