@@ -3,7 +3,7 @@ VENV ?= /opt/labkit/venv
 PY := $(VENV)/bin/python
 export LABKIT_VENV := $(VENV)
 
-.PHONY: setup test test-fresh lab notebooks notebooks-v2 bench
+.PHONY: setup test test-fresh test-vm lab notebooks notebooks-v2 bench
 
 setup:            ## system packages, the venv, labkit
 	bash vagrant/provision.sh
@@ -13,6 +13,9 @@ test:             ## set everything up (with the test tools), then run the whole
 
 test-fresh:       ## the same, from nothing: in a bare Debian 12 root filesystem (debootstrap)
 	python3 scripts/test_fresh.py
+
+test-vm:          ## the course VM for real: a box built here, vagrant up under libvirt (qemu), the lab in Chromium
+	bash scripts/test_vm.sh
 
 lab: setup        ## start JupyterLab on http://127.0.0.1:8888
 	bash vagrant/lab.sh

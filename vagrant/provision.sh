@@ -7,7 +7,7 @@
 #                                        # (the course VM; only where systemd is PID 1)
 #
 # Idempotent: a second run installs nothing, changes nothing and takes a few seconds.
-# Supported: Debian 12 and Ubuntu 24.04. Other Debian-like systems are untried.
+# Supported: Debian 12, Debian 13 and Ubuntu 24.04. Other Debian-like systems are untried.
 # Settings (environment): LABKIT_VENV (default /opt/labkit/venv), LABKIT_REPO (the
 # checkout; default: the folder this script sits in; Vagrant sets it to /vagrant).
 set -euo pipefail
@@ -41,8 +41,8 @@ fi
 # shellcheck source=/dev/null
 . /etc/os-release
 case "${ID}:${VERSION_ID:-}" in
-  debian:12|ubuntu:24.04) ;;
-  *) say "WARNING: ${PRETTY_NAME:-this system} is untried; labkit supports Debian 12 and Ubuntu 24.04" ;;
+  debian:12|debian:13|ubuntu:24.04) ;;
+  *) say "WARNING: ${PRETTY_NAME:-this system} is untried; labkit supports Debian 12, Debian 13 and Ubuntu 24.04" ;;
 esac
 ARCH=$(dpkg --print-architecture)
 
