@@ -12,10 +12,15 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 STAMP=${LABKIT_VM_TESTED:-.ci/vm-tested}
 
+INPUTS=(Vagrantfile vagrant/ requirements.txt pyproject.toml scripts/build_box.py scripts/boot_box.py
+        scripts/test_vm.sh tests/test_vm_box.py tests/test_vm_vagrant.py tests/browser.py)
+
 inputs_hash() {
-  git ls-files -z -- Vagrantfile vagrant/ requirements.txt pyproject.toml scripts/build_box.py \
-      scripts/boot_box.py scripts/test_vm.sh tests/test_vm_box.py tests/test_vm_vagrant.py tests/browser.py |
-    sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1
+  if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    git ls-files -z -- "${INPUTS[@]}"
+  else  # a copy of the checkout without .git (make test-fresh): the same files, found on disk
+    find "${INPUTS[@]}" -type f ! -name '*.pyc' -print0 2>/dev/null
+  fi | sort -z | xargs -0 sha256sum | sha256sum | cut -d' ' -f1
 }
 
 case "${1:-}" in
