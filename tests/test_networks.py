@@ -162,9 +162,13 @@ def test_twenty_parallel_starts_get_twenty_addresses_and_rm_releases_them():
     ips = {lease(c)["ip"] for c in ids}
     assert len(ips) == 20
     links = [lease(c)["host_link"] for c in ids]
+    namespaces = [lease(c)["netns"] for c in ids]
     assert all(os.path.exists(f"/sys/class/net/{n}") for n in links)
     assert labkit("rm", "-f", *ids).returncode == 0
-    assert not any(os.path.exists(f"/sys/class/net/{n}") for n in links)  # at once, not eventually
+    # the leases and namespaces at once; each veth goes with its namespace, in the kernel's
+    # own cleanup work, a few ms later (endpoints._undo)
+    assert not any((paths.netns_dir() / lease_ns).exists() for lease_ns in namespaces)
+    until(lambda: not any(os.path.exists(f"/sys/class/net/{n}") for n in links), 10)
     assert leftovers() == []
 
 
@@ -292,6 +296,24 @@ def test_network_container_joins_another_s_namespace():
     assert r.returncode == 0 and lease(cid)["ip"] in r.stdout, r.stderr
 
 
+def test_rm_gives_the_veth_to_the_namespace_s_end_but_takes_it_from_a_sharer_at_once():
+    # --rm: the namespace goes at once, and with it, in the kernel's cleanup, the veth
+    cid = run_d("busybox", "sleep", "60")
+    link, ns = lease(cid)["host_link"], lease(cid)["netns"]
+    assert os.path.exists(f"/sys/class/net/{link}")
+    assert labkit("rm", "-f", cid).returncode == 0
+    assert not (paths.netns_dir() / ns).exists()
+    until(lambda: not os.path.exists(f"/sys/class/net/{link}"), 10)
+    # a container that shares the namespace keeps it alive: removing its owner takes the
+    # veth away at once, so that the address given back is used by nobody
+    owner = run_d("busybox", "sleep", "60")
+    sharer = run_d("--network", f"container:{owner}", "busybox", "sleep", "60")
+    link = lease(owner)["host_link"]
+    assert labkit("rm", "-f", owner).returncode == 0
+    assert not os.path.exists(f"/sys/class/net/{link}")
+    assert labkit("rm", "-f", sharer).returncode == 0
+
+
 # -- faults ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("delay", [0.05, 0.15, 0.3, 0.6])
 def test_sigkill_of_run_then_cleanup_leaves_nothing(delay):
@@ -318,7 +340,7 @@ def test_sigkill_of_run_then_cleanup_leaves_nothing(delay):
         labkit("rm", "-f", cid)
     assert [f for f in paths.endpoints_dir().glob("*.json")] == []
     assert [n for n in os.listdir(paths.netns_dir())] == [] if paths.netns_dir().is_dir() else True
-    assert not any(os.path.exists(f"/sys/class/net/{x['host_link']}") for x in leases if x["host_link"])
-    assert not os.listdir(f"/sys/class/net/{paths.bridge_name()}/brif")
+    until(lambda: not any(os.path.exists(f"/sys/class/net/{x['host_link']}") for x in leases if x["host_link"]), 10)
+    until(lambda: not os.listdir(f"/sys/class/net/{paths.bridge_name()}/brif"), 10)
     assert _our_rules() == []
     until(lambda: leftovers() == [], 10)

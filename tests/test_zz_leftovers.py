@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -53,6 +54,11 @@ def test_no_network_namespaces_or_links_left():
     for netns in (paths.IP_NETNS_DIR, paths.netns_dir()):
         names = os.listdir(netns) if netns.is_dir() else []
         assert [n for n in names if n.startswith(paths.NETNS_PREFIX)] == []
+    # a removed container's veth goes with its namespace, in the kernel's cleanup work: a
+    # few ms after the namespace, so a link still here is given a moment (at most 10 s)
+    deadline = time.monotonic() + 10
+    while [n for n in os.listdir("/sys/class/net") if n.startswith(paths.LINK_PREFIX)] and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert [n for n in os.listdir("/sys/class/net") if n.startswith(paths.LINK_PREFIX)] == []
 
 
