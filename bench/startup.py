@@ -164,6 +164,9 @@ def main() -> int:
 
         if daemon.running_pid():
             daemon.stop()
+        from labkit.engine import networks
+
+        networks.discard()  # this root's default bridge and its nftables table
         if str(root) not in Path("/proc/self/mountinfo").read_text():
             shutil.rmtree(root, ignore_errors=True)
     for k, v in med.items():
