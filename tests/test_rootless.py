@@ -123,6 +123,53 @@ def test_what_needs_root_is_one_line_and_creates_nothing(user, flags, message):
     assert leftovers() == []
 
 
+# Run `labkit ARGS` as the user inside a user namespace whose user.max_user_namespaces is
+# 0: the sysctl is per user namespace, so the host's stays as it is. Inside, every id is
+# mapped to itself, and the user is the user; only new user namespaces are refused.
+USERNS_OFF = """
+import os, pwd, sys
+from labkit.kernel import syscalls
+user, python, *args = sys.argv[1:]
+pw = pwd.getpwnam(user)
+ready_r, ready_w = os.pipe()
+mapped_r, mapped_w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    syscalls.unshare(syscalls.CloneFlags.CLONE_NEWUSER)
+    os.write(ready_w, b"u")
+    os.read(mapped_r, 1)
+    with open("/proc/sys/user/max_user_namespaces", "w") as f:
+        f.write("0")
+    os.setgroups([])
+    os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
+    os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
+    os.execve(python, [python, "-m", "labkit", *args], dict(os.environ))
+os.read(ready_r, 1)
+for name in ("uid_map", "gid_map"):
+    with open(f"/proc/{pid}/{name}", "w") as f:
+        f.write("0 0 4294967295\\n")
+os.write(mapped_w, b"m")
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_where_user_namespaces_are_off_one_line_names_the_sysctl(user):
+    entry, runtime_dir, code, data_home = user
+    python = os.environ.get("LABKIT_VENV", "/opt/labkit/venv") + "/bin/python"
+    env = {"PATH": "/usr/bin:/bin", "HOME": entry.pw_dir, "XDG_RUNTIME_DIR": str(runtime_dir),
+           "XDG_DATA_HOME": str(data_home), "PYTHONPATH": str(code), "LANG": "C.UTF-8"}  # fmt: skip
+    before = Path("/proc/sys/user/max_user_namespaces").read_text()
+    r = subprocess.run([python, "-c", USERNS_OFF, USER, python, "run", "--rm", "busybox", "id"], env=env,
+                       capture_output=True, text=True, timeout=60 * SLOWDOWN, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert Path("/proc/sys/user/max_user_namespaces").read_text() == before  # the host's is untouched
+    assert r.returncode != 0 and r.stdout == "", r.stdout + r.stderr
+    assert r.stderr.count("\n") == 1 and "sysctl user.max_user_namespaces" in r.stderr, r.stderr
+    assert "unprivileged user namespaces are off here" in r.stderr, r.stderr
+    containers = data_home / "labkit" / "containers"
+    assert not containers.exists() or list(containers.iterdir()) == []
+    assert leftovers() == []
+
+
 def test_limits_where_a_cgroup_v2_subtree_is_delegated_to_the_user(user):
     """What systemd does for a user's session with Delegate=yes, done by hand: a cgroup
     the user owns (its directory and its cgroup.procs, cgroup.subtree_control and
