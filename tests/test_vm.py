@@ -10,6 +10,7 @@ busybox; tests/test_cgroups_v2.py boots one with the host's root.
 from __future__ import annotations
 
 import lzma
+import os
 import platform
 import signal
 import subprocess
@@ -206,11 +207,13 @@ def test_compressed_kernel_is_unpacked_for_a_pvh_boot(tmp_dir: Path):
 
 
 def test_a_vm_whose_launcher_is_gone_is_a_stray():
-    from labkit.lab.vm import kill_stray_vms
+    from labkit.lab.vm import kill_stray_vms, strays
 
-    # a stand-in for an orphaned qemu: its -name claims a launcher (PID 1) that is not its parent
+    # a stand-in for an orphaned qemu: its -name claims a launcher that is not its parent,
+    # in no PID namespace (under make test-fresh this pytest is PID 1 of its own)
+    launcher = next(n for n in range(1, 100) if n not in strays._pids_of(os.getpid()))
     fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
-                             "-name", f"{paths.VM_NAME_PREFIX}-1-abcdef"])
+                             "-name", f"{paths.VM_NAME_PREFIX}-{launcher}-abcdef"])
     try:
         assert fake.pid in stray_vms()
         assert fake.pid in kill_stray_vms()
