@@ -311,6 +311,8 @@ def test_rm_gives_the_veth_to_the_namespace_s_end_but_takes_it_from_a_sharer_at_
     link = lease(owner)["host_link"]
     assert labkit("rm", "-f", owner).returncode == 0
     assert not os.path.exists(f"/sys/class/net/{link}")
+    r = labkit("exec", sharer, "ls", "/sys/class/net")  # the namespace lives on, without its veth
+    assert r.returncode == 0 and r.stdout.split() == ["lo"], r.stdout + r.stderr
     assert labkit("rm", "-f", sharer).returncode == 0
 
 

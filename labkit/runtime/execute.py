@@ -57,6 +57,11 @@ def exec_in(
         changes["cwd"] = cwd
     if uid is not None:
         changes.update(uid=uid, gid=gid if gid is not None else uid)
+    # exec mounts nothing and joins init's namespaces through /proc: what init joined or
+    # mounted by host path may be gone by now (the container whose network namespace and
+    # /etc files this one shares, --network container:, was removed), the namespaces not
+    changes["mounts"] = ()
+    changes["namespace_paths"] = tuple((ns, f"/proc/{state.pid}/ns/{NAMESPACES[ns]}") for ns, _ in base.namespace_paths)
     spec = base.replace(**changes).validate()
     cg = cgroups.open(state.cgroup) if cgroups.may_create() else cgroups.NoCgroup()  # (rootless: none)
     # open the namespace files now: if init dies meanwhile, they still name its namespaces;
