@@ -215,6 +215,12 @@ def test_a_vm_whose_launcher_is_gone_is_a_stray():
     fake = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                              "-name", f"{paths.VM_NAME_PREFIX}-{launcher}-abcdef"])
     try:
+        # Popen returns once the child's exec has closed its descriptors, which the kernel
+        # does before the new program's argv is in place: wait until /proc shows it
+        deadline = time.monotonic() + 10
+        while b"-name" not in Path(f"/proc/{fake.pid}/cmdline").read_bytes().split(b"\0"):
+            assert time.monotonic() < deadline, "the stand-in never showed its -name"
+            time.sleep(0.01)
         assert fake.pid in stray_vms()
         assert fake.pid in kill_stray_vms()
         assert fake.wait(timeout=10) == -signal.SIGKILL
