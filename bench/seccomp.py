@@ -35,7 +35,6 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 sys.path.insert(0, str(HERE.parent))
 
 ROUNDS = 5 if os.environ.get("LABKIT_QUICK") else 20
-LABKIT = [sys.executable, "-m", "labkit"]
 
 
 def timed(cmd: list[str], env: dict | None = None) -> float:
@@ -84,26 +83,28 @@ def filter_times(cache: Path) -> dict[str, float]:
 
 
 def main() -> int:
+    from _command import labkit_command
     from bundles import bundle
 
     from labkit.kernel import seccomp, security
 
     runc = shutil.which("runc") or "/usr/sbin/runc"
     root = Path(tempfile.mkdtemp(prefix="labkit-bench-seccomp-"))
+    labkit = labkit_command(root)  # started as the installed command starts
     os.environ["LABKIT_ROOT"] = str(root / "state")
     os.environ["PYTHONPATH"] = str(HERE.parent)  # the children run this checkout's labkit
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # the children cache bytecode, as an install does
     os.environ["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
     cold_env = {**os.environ, "LABKIT_NO_DAEMON": "1"}
-    run_default = [*LABKIT, "run", "--rm", "busybox", "true"]
-    run_unconfined = [*LABKIT, "run", "--rm", "--security-opt", "seccomp=unconfined", "busybox", "true"]
-    run_none = [*LABKIT, "run", "--rm", "--network", "none", "busybox", "true"]
+    run_default = [*labkit, "run", "--rm", "busybox", "true"]
+    run_unconfined = [*labkit, "run", "--rm", "--security-opt", "seccomp=unconfined", "busybox", "true"]
+    run_none = [*labkit, "run", "--rm", "--network", "none", "busybox", "true"]
     started_daemon = False
     try:
         b = bundle(root / "bundle", ["true"], seccomp=seccomp.default(security.DOCKER_DEFAULT_CAPS))
         assert "seccomp" in json.loads((b / "config.json").read_text())["linux"]
         subprocess.run(run_default, check=True, capture_output=True, env=cold_env)  # the image, the BPF cache
-        subprocess.run([*LABKIT, "daemon", "start"], check=True, capture_output=True, stdin=subprocess.DEVNULL)
+        subprocess.run([*labkit, "daemon", "start"], check=True, capture_output=True, stdin=subprocess.DEVNULL)
         started_daemon = True
         runs = {
             "runc run, default profile": ([runc, "run", "--bundle", str(b), "bench-sc{i}"], None),
@@ -118,16 +119,23 @@ def main() -> int:
             for name, (cmd, env) in runs.items():
                 times[name].append(timed([a.format(i=i) for a in cmd], env))
         med = {k: statistics.median(v) for k, v in times.items()}
+        # each round's labkit time over runc's in the same round: drift in the machine's
+        # speed over the run cancels out; the quartiles say how far rounds spread
+        rounds = [a / b for a, b in zip(times["labkit run --network none, default profile"],
+                                        times["runc run, default profile"])]  # fmt: skip
+        quart = statistics.quantiles(rounds, n=4) if len(rounds) > 1 else rounds * 3
         result = {
             "rounds": ROUNDS,
             "median_ms": med,
             "ratio_default_vs_runc": med["labkit run --network none, default profile"] / med["runc run, default profile"],
+            "paired_ratio_default_vs_runc": statistics.median(rounds),
+            "paired_ratio_quartiles": [quart[0], quart[2]],
             "ratio_default_bridge_vs_runc": med["labkit run, default profile"] / med["runc run, default profile"],
             **filter_times(root / "bpf-cache"),
         }
     finally:
         if started_daemon:
-            subprocess.run([*LABKIT, "daemon", "stop"], capture_output=True, stdin=subprocess.DEVNULL, check=False)
+            subprocess.run([*labkit, "daemon", "stop"], capture_output=True, stdin=subprocess.DEVNULL, check=False)
         from labkit.engine import networks
 
         networks.discard()  # this root's default bridge and its nftables table
@@ -136,7 +144,8 @@ def main() -> int:
     for k, v in med.items():
         print(f"{k:<42} {v:7.1f} ms (median of {ROUNDS})")
     print(f"labkit run --network none (default profile) / runc run (same filter) = {result['ratio_default_vs_runc']:.2f}"
-          "  (target <= 1.0; the same namespaces)")  # fmt: skip
+          f"  (target <= 1.0; the same namespaces; round by round {result['paired_ratio_default_vs_runc']:.2f}, "
+          f"quartiles {quart[0]:.2f}-{quart[2]:.2f})")  # fmt: skip
     bridge = med["labkit run, default profile"] - med["labkit run --network none, default profile"]
     print(f"labkit run on the default bridge / runc run = {result['ratio_default_bridge_vs_runc']:.2f}"
           f"  (no target: the bridge adds {bridge:.1f} ms, which runc's bundle does without)")  # fmt: skip

@@ -12,7 +12,9 @@
    `--network none`, which leaves the bridge out (no target: it shows what the bridge costs).
    Both are measured the way Docker works, with labkitd running (the `labkit` command is
    a thin client; the daemon forks a warm worker), and without it (the whole command in
-   one fresh Python process), each with the `labkit` command as installed.
+   one fresh Python process), each with the `labkit` command as installed: the client
+   compiled from C (labkit/cli/client.c). `labkit runtime run` also runs with the same
+   client in Python (labkit/cli/client.py), to show what the compiled one saves.
 3. The CLI's import time (`python -X importtime`), which the in-process path pays each run.
 4. What one idle detached container costs on the host besides its own processes: the
    shim's memory (RSS, and PSS, which splits pages shared with other processes fairly),
@@ -42,11 +44,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 ROUNDS = 5 if os.environ.get("LABKIT_QUICK") else 25
-# the command as users type it (vagrant/provision.sh installs it); else the module
 COLD: dict[str, str] = {}
-LABKIT = [shutil.which("labkit") or "/usr/local/bin/labkit"]
-if not os.path.exists(LABKIT[0]):
-    LABKIT = [sys.executable, "-m", "labkit"]
+LABKIT: list[str] = []  # this checkout's command, built as the installed one is (bench/_command.py)
 FLOOR = "import argparse, json, dataclasses, pathlib, ctypes"
 
 
@@ -93,11 +92,13 @@ def shim_memory(prefix: str, env: dict | None = None) -> dict[str, float]:
 
 
 def main() -> int:
-    global COLD
+    global COLD, LABKIT
+    from _command import labkit_command, python_command
     from bundles import bundle, edit_config
 
     runc = shutil.which("runc") or "/usr/sbin/runc"
     root = Path(tempfile.mkdtemp(prefix="labkit-bench-"))
+    LABKIT = labkit_command(root)
     os.environ.setdefault("LABKIT_ROOT", str(root / "state"))
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # the children cache bytecode, as an install does
     os.environ["PYTHONPYCACHEPREFIX"] = str(root / "pycache")  # ... in our temp dir, not the source tree
@@ -120,6 +121,8 @@ def main() -> int:
         runs = {
             "runc run": ([runc, "run", "--bundle", str(b), "bench-rc{i}"], None),
             "labkit runtime run": ([*LABKIT, "runtime", "run", "--bundle", str(b), "bench-lk{i}"], None),
+            "labkit runtime run, Python client": ([*python_command(root), "runtime", "run", "--bundle", str(b),
+                                                   "bench-py{i}"], None),  # fmt: skip
             "labkit run --rm": ([*LABKIT, "run", "--rm", "busybox", "true"], None),
             "labkit run --rm --network none": ([*LABKIT, "run", "--rm", "--network", "none", "busybox", "true"], None),
             "labkit runtime run, no labkitd": ([*LABKIT, "runtime", "run", "--bundle", str(b), "bench-nd{i}"], COLD),
@@ -130,8 +133,8 @@ def main() -> int:
             for name, (cmd, env) in runs.items():
                 times[name].append(timed([a.format(i=i) for a in cmd], env))
         served = daemon.log_path().read_text().count("labkitd: worker ")
-        if served < 3 * ROUNDS:
-            raise SystemExit(f"labkitd served {served} of {3 * ROUNDS} runs: the numbers would be wrong")
+        if served < 4 * ROUNDS:
+            raise SystemExit(f"labkitd served {served} of {4 * ROUNDS} runs: the numbers would be wrong")
         med = {k: statistics.median(v) * 1000 for k, v in times.items()}
 
         def paired(name: str) -> float:
@@ -143,6 +146,7 @@ def main() -> int:
             "command": LABKIT,
             "median_ms": med,
             "ratio_runtime_vs_runc": med["labkit runtime run"] / med["runc run"],
+            "ratio_runtime_python_client_vs_runc": med["labkit runtime run, Python client"] / med["runc run"],
             "ratio_run_vs_runc": med["labkit run --rm"] / med["runc run"],
             "ratio_run_network_none_vs_runc": med["labkit run --rm --network none"] / med["runc run"],
             "ratio_runtime_vs_runc_no_labkitd": med["labkit runtime run, no labkitd"] / med["runc run"],
@@ -174,12 +178,15 @@ def main() -> int:
     print(f"labkit runtime run / runc run = {result['ratio_runtime_vs_runc']:.2f}  (target <= 1.0; "
           f"round by round {result['paired_ratio_runtime_vs_runc']:.2f}; "
           f"{result['ratio_runtime_vs_runc_no_labkitd']:.2f} without labkitd)")
+    saved = med["labkit runtime run, Python client"] - med["labkit runtime run"]
+    print(f"labkit runtime run, Python client / runc run = {result['ratio_runtime_python_client_vs_runc']:.2f}  "
+          f"(the compiled client saves {saved:.1f} ms)")  # fmt: skip
     print(f"labkit run --rm / runc run    = {result['ratio_run_vs_runc']:.2f}  (target <= 1.5; "
           f"round by round {result['paired_ratio_run_vs_runc']:.2f}; "
           f"{result['ratio_run_vs_runc_no_labkitd']:.2f} without labkitd)")
     print(f"labkit run --rm --network none / runc run = {result['ratio_run_network_none_vs_runc']:.2f}  (no target: "
           f"the bridge left out)")
-    print(f"python -S startup {result['python_startup_ms']:.1f} ms (the thin client's floor), "
+    print(f"python -S startup {result['python_startup_ms']:.1f} ms (the Python client's floor), "
           f"labkit imports {result['labkit_import_ms']:.1f} ms (paid in-process)")
     print(f"python + {FLOOR.removeprefix('import ')}: {result['python_floor_ms']:.1f} ms (the in-process floor)")
     print(f"idle container's shim: RSS {result['shim_rss_kib']} KiB, PSS {result['shim_pss_kib']} KiB "

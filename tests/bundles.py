@@ -52,11 +52,12 @@ def edit_config(dir_: Path, change) -> None:
 SLOWDOWN = float(os.environ.get("LABKIT_TEST_SLOWDOWN", "1"))
 
 
-def labkit(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+def labkit(*args: str, timeout: float = 60, command: list[str] | None = None, **kw) -> subprocess.CompletedProcess:
+    """``labkit ARGS`` with this checkout's Python client (or ``command``: the compiled one)."""
     if "input" not in kw:  # not the terminal pytest may run in: labkitd serves only non-terminal stdin
         kw.setdefault("stdin", subprocess.DEVNULL)
-    return subprocess.run([*LABKIT, *args], capture_output=True, text=True, timeout=timeout * SLOWDOWN, check=False,
-                          **kw)  # fmt: skip
+    return subprocess.run([*(command or LABKIT), *args], capture_output=True, text=True, timeout=timeout * SLOWDOWN,
+                          check=False, **kw)  # fmt: skip
 
 
 def leftovers() -> list[str]:

@@ -2,13 +2,17 @@
 
 tests/test_cli.py runs all of its tests twice, in-process and through labkitd; these
 tests cover the daemon itself: its lifecycle, what it declines, and what a dying daemon
-or worker looks like to the caller.
+or worker looks like to the caller. Those that a client decides run with both clients
+(the ``client`` fixture): labkit/cli/client.py, which ``python -m labkit`` runs, and the
+compiled command (labkit/cli/client.c), built here as provisioning builds
+/usr/local/bin/labkit.
 """
 
 from __future__ import annotations
 
 import os
 import pty
+import re
 import signal
 import stat
 import subprocess
@@ -22,6 +26,19 @@ from conftest import REPO
 
 from labkit.cli.daemon import start as start_labkitd
 from labkit.engine import daemon, protocol
+
+
+@pytest.fixture(scope="module")
+def compiled_labkit(tmp_path_factory) -> list[str]:
+    from labkit.cli import compiled
+
+    return [str(compiled.build(tmp_path_factory.mktemp("compiled") / "labkit", werror=True))]
+
+
+@pytest.fixture(params=["python", "compiled"])
+def client(request) -> list[str]:
+    """The argv that starts `labkit`: the Python client, or the compiled one."""
+    return LABKIT if request.param == "python" else request.getfixturevalue("compiled_labkit")
 
 
 @pytest.fixture
@@ -55,7 +72,7 @@ def test_start_status_stop(labkitd):
     assert r.returncode == 3 and "not running" in r.stdout
 
 
-def test_same_output_and_exit_code_as_in_process(labkitd):
+def test_same_output_and_exit_code_as_in_process(labkitd, client):
     commands = [
         ("run", "--rm", "busybox", "sh", "-c", "echo out; echo err >&2; exit 3"),
         ("run", "--rm", "-m", "64XB", "busybox", "true"),
@@ -66,18 +83,23 @@ def test_same_output_and_exit_code_as_in_process(labkitd):
     ]
     for args in commands:
         before = served_by_labkitd()
-        served = labkit(*args)
+        served = labkit(*args, command=client)
         assert served_by_labkitd() == before + 1, args
-        local = labkit(*args, env={**os.environ, "LABKIT_NO_DAEMON": "1"})
+        local = labkit(*args, command=client, env={**os.environ, "LABKIT_NO_DAEMON": "1"})
         assert served_by_labkitd() == before + 1, args  # that one ran in-process
         assert served.returncode == local.returncode, args
         assert (served.stdout, served.stderr) == (local.stdout, local.stderr)
     r = labkit("run", "--rm", "-i", "-w", "/tmp", "-e", "A=b c", "busybox", "sh", "-c", 'pwd; echo "$A"; cat',
-               input="from stdin\n")  # fmt: skip
+               input="from stdin\n", command=client)  # fmt: skip
     assert r.stdout == "/tmp\nb c\nfrom stdin\n"
+    # an environment larger than the worker's first read (64 KiB): the rest follows it
+    big = {**os.environ, "BIG": "x" * 100_000, "MORE": "y" * 100_000}  # (execve takes 128 KiB a string)
+    before = served_by_labkitd()
+    r = labkit("run", "--rm", "-e", "BIG", "busybox", "sh", "-c", 'echo ${#BIG}', env=big, command=client)
+    assert (r.returncode, r.stdout, served_by_labkitd()) == (0, "100000\n", before + 1), r.stderr
 
 
-def test_callers_back_to_back_and_at_once_are_all_served(labkitd):
+def test_callers_back_to_back_and_at_once_are_all_served(labkitd, client):
     """Each request takes the spare worker and labkitd forks the next one: callers one
     right after the other, and several at once, are all served by labkitd (none falls
     back to running in-process), and a spare is ready again afterwards."""
@@ -86,18 +108,18 @@ def test_callers_back_to_back_and_at_once_are_all_served(labkitd):
 
     until(lambda: len(spares()) == 1)
     before = served_by_labkitd()
-    assert all(labkit("ps").returncode == 0 for _ in range(3))
-    procs = [subprocess.Popen([*LABKIT, "ps"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL) for _ in range(4)]
+    assert all(labkit("ps", command=client).returncode == 0 for _ in range(3))
+    procs = [subprocess.Popen([*client, "ps"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL) for _ in range(4)]
     assert [p.wait(timeout=60) for p in procs] == [0] * 4
     assert served_by_labkitd() == before + 7
     until(lambda: len(spares()) == 1)  # and one is ready again, blocked in accept()
 
 
-def test_the_working_directory_is_the_callers(labkitd, tmp_dir):
+def test_the_working_directory_is_the_callers(labkitd, tmp_dir, client):
     from bundles import bundle
 
     bundle(tmp_dir / "b", ["echo", "from the bundle here"])
-    r = labkit("runtime", "run", "--bundle", ".", "cwd1", cwd=tmp_dir / "b")
+    r = labkit("runtime", "run", "--bundle", ".", "cwd1", cwd=tmp_dir / "b", command=client)
     assert (r.returncode, r.stdout) == (0, "from the bundle here\n"), r.stderr
 
 
@@ -139,14 +161,14 @@ def test_detached_shims_are_labkitds_children(labkitd):
     assert "Up" in labkit("ps").stdout  # containers outlive the daemon
 
 
-def test_at_a_terminal_only_interactive_commands_run_in_process(labkitd):
+def test_at_a_terminal_only_interactive_commands_run_in_process(labkitd, client):
     master, slave = pty.openpty()
     try:
         for args, served in ((["ps"], 1), (["run", "--rm", "busybox", "true"], 1),
                              (["run", "--rm", "-it", "busybox", "true"], 0),
                              (["run", "--rm", "-i", "busybox", "true"], 0)):  # fmt: skip
             before = served_by_labkitd()
-            r = subprocess.run([*LABKIT, *args], stdin=slave, capture_output=True, text=True, timeout=60)
+            r = subprocess.run([*client, *args], stdin=slave, capture_output=True, text=True, timeout=60)
             assert r.returncode == 0, r.stderr
             assert served_by_labkitd() == before + served, args
     finally:
@@ -154,9 +176,9 @@ def test_at_a_terminal_only_interactive_commands_run_in_process(labkitd):
         os.close(slave)
 
 
-def test_a_caller_in_another_namespace_runs_in_process(labkitd):
+def test_a_caller_in_another_namespace_runs_in_process(labkitd, client):
     before = served_by_labkitd()
-    r = subprocess.run(["unshare", "--net", *LABKIT, "run", "--rm", "--network", "host", "busybox",
+    r = subprocess.run(["unshare", "--net", *client, "run", "--rm", "--network", "host", "busybox",
                         "ls", "/sys/class/net"], stdin=subprocess.DEVNULL, capture_output=True, text=True,
                        timeout=60)  # fmt: skip
     assert (r.returncode, r.stdout) == (0, "lo\n"), r.stderr  # the caller's network, not labkitd's
@@ -176,23 +198,23 @@ def test_changed_code_makes_labkitd_step_aside(labkitd):
         os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def test_a_dead_daemon_leaves_the_command_working(labkitd):
+def test_a_dead_daemon_leaves_the_command_working(labkitd, client):
     os.kill(labkitd, signal.SIGKILL)
     until(lambda: daemon.running_pid() is None)
     assert daemon.socket_path().exists()  # stale: nobody listens
-    r = labkit("run", "--rm", "busybox", "echo", "still works")
+    r = labkit("run", "--rm", "busybox", "echo", "still works", command=client)
     assert (r.returncode, r.stdout) == (0, "still works\n"), r.stderr
 
 
-def test_a_killed_worker_is_one_line_and_exit_125(labkitd, tmp_dir):
+def test_a_killed_worker_is_one_line_and_exit_125(labkitd, tmp_dir, client):
     # stderr to a file: the container, still running, holds the same stderr open
     err_file = open(tmp_dir / "stderr", "w+")
-    p = subprocess.Popen([*LABKIT, "run", "--rm", "--name", "w", "busybox", "sleep", "30"],
+    p = subprocess.Popen([*client, "run", "--rm", "--name", "w", "busybox", "sleep", "30"],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err_file)  # fmt: skip
     until(lambda: "Up" in labkit("ps").stdout)
     log = daemon.log_path().read_text().splitlines()
     ours = "labkit run --rm --name w busybox sleep 30"
-    worker = next(int(line.split()[2]) for line in log if line.endswith(ours))
+    worker = [int(line.split()[2]) for line in log if line.endswith(ours)][-1]  # (the log outlives labkitd)
     assert psutil.Process(worker).name() == "labkit"
     os.kill(worker, signal.SIGKILL)
     assert p.wait(timeout=10) == 125
@@ -222,11 +244,12 @@ def test_the_client_imports_nothing_but_builtins():
 
 
 def test_the_installed_command_both_ways(labkitd):
-    """/usr/local/bin/labkit starts Python with -S; in-process it must load site-packages."""
+    """/usr/local/bin/labkit is the compiled client; in-process it starts Python with -S,
+    which must then load site-packages."""
     command = "/usr/local/bin/labkit"
     if not os.path.exists(command):
         pytest.skip("no /usr/local/bin/labkit: run vagrant/provision.sh")
-    assert open(command).readline().rstrip().endswith("python -S")
+    assert open(command, "rb").read(4) == b"\x7fELF"
     before = served_by_labkitd()
     r = subprocess.run([command, "run", "--rm", "busybox", "echo", "via labkitd"], stdin=subprocess.DEVNULL,
                        capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -252,7 +275,7 @@ def test_start_keeps_no_fd_of_the_caller(labkitd):
             os.close(w)
 
 
-def test_a_worker_that_ends_at_once_is_still_answered(labkitd):
+def test_a_worker_that_ends_at_once_is_still_answered(labkitd, client):
     """A usage error ends the worker within microseconds, sometimes before the client has
     opened a pidfd on it: the client must still read the exit code the worker wrote, not
     fail on the process being gone (seen in about 1 of 30 runs before it was fixed)."""
@@ -260,7 +283,67 @@ def test_a_worker_that_ends_at_once_is_still_answered(labkitd):
     deadline = time.monotonic() + 30
     runs = 0
     while runs < 150 and time.monotonic() < deadline:
-        r = labkit("runtime", "run")
+        r = labkit("runtime", "run", command=client)
         assert r.returncode == 2 and r.stderr.startswith("labkit: the following arguments"), r.stderr
         runs += 1
     assert runs >= 50 and served_by_labkitd() - before == runs
+
+
+def test_labkitd_reads_the_default_seccomp_profile_once_for_all_its_containers(labkitd):
+    """Its warm-up reads (or compiles) Docker's profile; every init it forks then has the
+    program in memory. With the state root's entry removed, a container served by labkitd
+    is still filtered and writes no entry; one run in-process reads it again, so writes it."""
+    from labkit import paths
+
+    cache = paths.seccomp_cache_dir()
+    for entry in cache.glob("*.bpf"):
+        entry.unlink()
+    before = served_by_labkitd()
+    r = labkit("run", "--rm", "busybox", "grep", "Seccomp:", "/proc/self/status")
+    assert served_by_labkitd() == before + 1
+    assert r.returncode == 0 and r.stdout.split() == ["Seccomp:", "2"], r.stderr  # 2: a filter
+    assert list(cache.glob("*.bpf")) == []
+    r = labkit("run", "--rm", "busybox", "true", env={**os.environ, "LABKIT_NO_DAEMON": "1"})
+    assert r.returncode == 0 and len(list(cache.glob("*.bpf"))) == 1
+
+
+def test_both_clients_hand_labkitd_the_same_commands():
+    """client.c keeps its own copy of client.SERVED: the two must agree."""
+    from labkit.cli import client, compiled
+
+    source = compiled.SOURCE.read_text()
+    listed = source[source.index("SERVED[] = {") : source.index("NULL,", source.index("SERVED[] = {"))]
+    assert set(re.findall(r'"([a-z]+)"', listed)) == client.SERVED
+
+
+def test_ctrl_c_reaches_the_container_through_the_client(labkitd, client):
+    """SIGINT to the client goes on to the worker, which passes it to the container."""
+    script = 'trap "exit 7" INT; echo ready; sleep 30 & wait'
+    p = subprocess.Popen([*client, "run", "--rm", "busybox", "sh", "-c", script], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert p.stdout.readline() == "ready\n"
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=15) == 7, p.stderr.read()
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_without_a_working_directory_the_command_runs_in_process(labkitd, client, tmp_dir):
+    gone = tmp_dir / "gone"
+    gone.mkdir()
+    before = served_by_labkitd()
+    r = subprocess.run(["sh", "-c", f'cd {gone} && rmdir {gone} && exec "$@"', "sh", *client, "ps"],
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 0 and r.stdout.startswith("CONTAINER ID"), r.stderr
+    assert served_by_labkitd() == before
+
+
+def test_a_python_the_compiled_client_cannot_start_is_one_line_and_127(tmp_dir):
+    from labkit.cli import compiled
+
+    broken = compiled.build(tmp_dir / "labkit", python="/nonexistent/python3", werror=True)
+    r = subprocess.run([str(broken), "ps"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+                       env={**os.environ, "LABKIT_NO_DAEMON": "1"})  # fmt: skip
+    assert r.returncode == 127 and r.stderr.count("\n") == 1 and "/nonexistent/python3" in r.stderr, r.stderr

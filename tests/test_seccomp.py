@@ -17,6 +17,7 @@ import pytest
 from bundles import bundle, labkit, leftovers
 from conftest import need_tool
 
+from labkit import paths
 from labkit.errors import InvalidValue
 from labkit.kernel import seccomp, seccomp_cache, seccomp_default, security
 
@@ -151,3 +152,21 @@ def test_loading_a_cached_program_is_cheap_and_a_malformed_one_is_refused(tmp_pa
     for bad in (b"", prog[:-1], prog * 5):  # not whole instructions; more than BPF_MAXINSNS
         with pytest.raises(InvalidValue, match="seccomp BPF program"):
             seccomp.load(bad)
+
+
+def test_a_process_remembers_the_programs_it_read_so_labkitd_s_containers_read_none(tmp_path, monkeypatch):
+    """labkitd reads Docker's default profile once (cli/daemon.py warm_up); each init it
+    forks finds it in memory, with no hash to compute and no file to read."""
+    monkeypatch.setenv("LABKIT_ROOT", str(tmp_path))
+    monkeypatch.setattr(seccomp_cache, "_known", {})
+    filt = seccomp.default(security.DOCKER_DEFAULT_CAPS)
+    prog = seccomp_cache.program(filt)
+    entry = paths.seccomp_cache_dir() / f"{seccomp_cache.key(filt)}.bpf"
+    assert entry.is_file()
+    entry.unlink()
+    monkeypatch.setattr(seccomp, "compile", None)  # neither compiled again
+    monkeypatch.setattr(seccomp_cache, "read", None)  # nor read
+    assert seccomp_cache.program(filt) == prog and not entry.exists()
+    other = seccomp.default((*security.DOCKER_DEFAULT_CAPS, "CAP_SYS_ADMIN"))
+    with pytest.raises(TypeError):  # another filter is looked up: here it reaches the missing read()
+        seccomp_cache.program(other)

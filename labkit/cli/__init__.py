@@ -6,6 +6,10 @@ module loaded already and forks a worker that runs the command with this process
 stdin, stdout, stderr, working directory and environment (client.py). Without labkitd,
 or for a terminal, the command runs right here (dispatch.py), which gives the same
 output and exit code, only later: a Python process takes ~50 ms to load labkit.
+The installed command (/usr/local/bin/labkit) is the same client compiled from C
+(client.c, built by compiled.py), as the docker CLI is a compiled program: it is
+running before Python has even started, and it starts Python only for a command that
+runs here.
 
 This module imports nothing but the client, so that the daemon path stays fast.
 
@@ -15,10 +19,11 @@ Layer: the top. Imports the others lazily.
 import sys
 
 
-def main(argv: "list[str] | None" = None) -> int:
+def main(argv: "list[str] | None" = None, ask_labkitd: bool = True) -> int:
     """Run one command; its exit code. Called without ``argv`` it is the ``labkit``
-    process itself: it asks labkitd first, and it ends the process."""
-    if argv is None:
+    process itself: it asks labkitd first (unless the compiled command, client.c, has
+    asked already: ``ask_labkitd=False``), and it ends the process."""
+    if argv is None and ask_labkitd:
         from labkit.cli import client
 
         try:
@@ -27,7 +32,7 @@ def main(argv: "list[str] | None" = None) -> int:
             code = 130
         if code is not None:
             client.exit_now(code)
-    if sys.flags.no_site:  # started by the fast launcher (python -S): find site-packages now
+    if sys.flags.no_site:  # started with python -S (the launcher, client.c): find site-packages now
         import site
 
         site.main()

@@ -21,7 +21,7 @@ import io
 
 from labkit.cli import api, client, dispatch
 from labkit.engine import daemon
-from labkit.errors import UsageError, require_root
+from labkit.errors import LabkitError, UsageError, require_root
 
 VERBS = ("start", "stop", "status", "run")
 
@@ -38,6 +38,10 @@ def warm_up() -> None:
         with contextlib.redirect_stderr(io.StringIO()), contextlib.suppress(SystemExit, UsageError):
             parser.parse_args([])  # a usage error, mostly: loads gettext, compiles argparse's patterns
     api.router()  # the Engine API's routes, and the modules they use
+    from labkit.kernel import seccomp, seccomp_cache, security
+
+    with contextlib.suppress(LabkitError):  # no libseccomp: each container says so itself
+        seccomp_cache.program(seccomp.default(security.DOCKER_DEFAULT_CAPS))  # every init gets it in memory
 
 
 def start() -> int:

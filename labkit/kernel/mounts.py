@@ -41,6 +41,8 @@ class Mount:
 
 def _unescape(field: str) -> str:
     # mountinfo writes space, tab, newline and backslash in paths as octal escapes (\040 ...)
+    if "\\" not in field:  # nearly every field: every container start reads the table
+        return field
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 

@@ -13,6 +13,10 @@ SHA-256 of the program, checked on every read: a truncated or corrupt file (a cr
 mid-write, a disk error) is compiled again, never loaded. That proves the bytes are the
 ones written, not who wrote them: the state root is root's, as runc's /run/runc is.
 
+A process also remembers the programs it read or compiled (``program``), so a warm
+labkitd, which reads Docker's default profile once before it forks its workers, hands
+it to every container's init in memory: no hash to compute, no file to read.
+
 Layer: kernel. Called by the runtime's init (before pivot_root, while the state root is
 still reachable). Man page: seccomp(2); kernel doc: userspace-api/seccomp_filter.rst.
 """
@@ -29,6 +33,7 @@ from labkit.errors import InvalidValue
 from labkit.kernel import seccomp
 
 _HEADER = 64 + 1  # the program's SHA-256 in hex, then "\n", then the program
+_known: dict[seccomp.Filter, bytes] = {}  # this process's programs for the state root's cache
 
 
 def key(f: seccomp.Filter) -> str:
@@ -46,14 +51,18 @@ def key(f: seccomp.Filter) -> str:
 
 def program(f: seccomp.Filter, cache: Path | None = None) -> bytes:
     """The BPF program for ``f``: from the cache when an entry checks out, else compiled
-    by libseccomp and stored for the next container."""
+    by libseccomp and stored for the next container. Each distinct filter is looked up
+    once per process (and the processes labkitd forks), then remembered."""
+    if cache is None and f in _known:
+        return _known[f]
     path = (cache or paths.seccomp_cache_dir()) / f"{key(f)}.bpf"
     found = read(path)
-    if found is not None:
-        return found
-    compiled = seccomp.compile(f)
-    write(path, compiled)
-    return compiled
+    if found is None:
+        found = seccomp.compile(f)
+        write(path, found)
+    if cache is None and len(_known) < 16:  # a few profiles at most; a bound all the same
+        _known[f] = found
+    return found
 
 
 def read(path: Path) -> bytes | None:
