@@ -261,6 +261,54 @@ def test_a_notebook_runs_to_its_end_in_the_vm(project):
     assert re.search(r"\d+ passed", out) and "failed" not in out, out
 
 
+# The guest's Python (Debian 13's 3.13), under systemd, on cgroup v2: the suites of the
+# kernel, runtime and CLI layers, and notebooks 03 to 07, run in the lab service's
+# delegated subtree, where the notebooks' own kernels run (labkit-lab.service.in:
+# Delegate=yes, the server in its "jupyter" child). The shell that starts pytest joins a
+# "tests" child beside it, so labkit puts its groups below the service, as it does for a
+# notebook in the browser (cgroups/detect.py v2_base).
+IN_THE_LAB_SERVICE = ("g=/sys/fs/cgroup/system.slice/labkit-lab.service/tests; mkdir -p $g; echo $$ > $g/cgroup.procs; "
+                      "cd /vagrant; exec env LABKIT_QUICK=1 LABKIT_TEST_SLOWDOWN=4 ")
+GUEST_SUITES = ("tests/test_syscalls.py tests/test_namespaces.py tests/test_cgroups.py tests/test_overlay.py "
+                "tests/test_seccomp.py tests/test_runtime.py tests/test_cli.py")
+GUEST_NOTEBOOKS = " ".join(f"solutions/{n}" for n in ("03-pid-namespace.ipynb", "04-mount-namespace-and-rootfs.ipynb",
+                                                      "05-overlayfs.ipynb", "06-cgroups-cpu.ipynb",
+                                                      "07-cgroups-memory-pids-io-freezer.ipynb"))  # fmt: skip
+
+
+def in_the_lab_service(project, command: str, timeout: float) -> str:
+    """``command`` as root in the VM, in a child of labkit-lab.service's cgroup; its output."""
+    return project.ssh(f"sudo sh -c '{IN_THE_LAB_SERVICE}{command} 2>&1 | tail -15'; "
+                       "sudo rmdir /sys/fs/cgroup/system.slice/labkit-lab.service/tests", timeout=timeout)  # fmt: skip
+
+
+@vm_test
+def test_labkit_s_own_groups_sit_in_the_lab_service_s_delegated_subtree(project):
+    seen = in_the_lab_service(project, "LABKIT_NO_DAEMON=1 labkit run --rm busybox cat /proc/self/cgroup",
+                              timeout=300).split()  # (in-process: labkitd would put it below its own service)
+    assert len(seen) == 1 and seen[0].startswith("0::/system.slice/labkit-lab.service/labkit/"), seen
+    version = project.ssh("/opt/labkit/venv/bin/python -c 'import sys; print(sys.version_info >= (3, 12), "
+                          "sys.version.split()[0])'").split()  # fmt: skip
+    assert version[0] == "True", version  # the point of the run: a Python that is not the host's
+
+
+@vm_test
+def test_the_kernel_runtime_and_cli_suites_pass_on_the_guest_s_python(project):
+    out = in_the_lab_service(project, "/opt/labkit/venv/bin/python -m pytest -p no:cacheprovider -q "
+                             f"{GUEST_SUITES}", timeout=3 * 3600)  # fmt: skip
+    print(f"\nthe kernel, runtime and CLI suites in the VM:\n{out}")
+    assert re.search(r"\d+ passed", out) and not re.search(r"\d+ (failed|error)", out), out
+
+
+@vm_test
+def test_notebooks_03_to_07_run_to_their_end_in_the_vm(project):
+    out = in_the_lab_service(project, "/opt/labkit/venv/bin/python -m pytest -p no:cacheprovider -q --nbval-lax "
+                             "--nbval-current-env --nbval-cell-timeout=1200 --nbval-sanitize-with tests/nbval_sanitize.cfg "
+                             f"{GUEST_NOTEBOOKS}", timeout=3 * 3600)  # fmt: skip
+    print(f"\nnotebooks 03-07 in the VM:\n{out}")
+    assert re.search(r"\d+ passed", out) and not re.search(r"\d+ (failed|error)", out), out
+
+
 @vm_test
 def test_halt_and_up_keep_the_work_and_the_token(project):
     project.ssh("echo mine | sudo tee /vagrant/work/keep-me.txt >/dev/null")
