@@ -467,3 +467,25 @@ def test_the_transition_table_gives_the_result_or_a_clear_error():
     for verb, (allowed, result) in status.TRANSITIONS.items():
         assert allowed and all(isinstance(s, Status) for s in allowed), verb
         assert result is None or isinstance(result, Status), verb
+
+
+def test_a_program_on_a_noexec_mount_is_one_line_that_says_so(tmp_dir):
+    """/run is mounted noexec on some systems (Debian 13): a plain directory there, as a
+    root to pivot into, cannot run its programs, and the error must say why instead of a
+    bare EACCES. (The runtime's own root is a bind mount of its own: a bundle there runs.)"""
+    from labkit.kernel import syscalls
+
+    place = tmp_dir / "noexec"
+    place.mkdir()
+    syscalls.mount("tmpfs", place, "tmpfs", syscalls.MountFlags.MS_NOEXEC)
+    try:
+        rootfs = busybox_rootfs(place / "root")
+        with pytest.raises(Exception, match=r"EACCES.*/bin/sleep lies on a mount with noexec"):
+            with ns.spawn(["/bin/sleep", "1"], new={"mnt", "pid"}, root=rootfs):
+                pass
+        bundle(place / "b", ["true"])
+        r = labkit("runtime", "run", "--bundle", str(place / "b"), "noexec1")
+        assert r.returncode == 0, r.stderr
+    finally:
+        syscalls.umount2(place)
+    assert leftovers() == []

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from bundles import bundle, labkit, leftovers
+from bundles import SLOWDOWN, bundle, labkit, leftovers
 from conftest import need_tool
 
 from labkit import paths
@@ -51,10 +51,19 @@ def errno_of(nr: int, *args: int) -> int:
     return 0 if _libc.syscall(nr, *[ctypes.c_ulong(a) for a in args]) == 0 else ctypes.get_errno()
 
 
+WRITTEN_WITH = "2.5."  # the libseccomp whose list of system calls the file holds: Debian 12's
+
+
 def test_the_profile_file_is_what_its_script_writes():
     with open(seccomp.DEFAULT_PROFILE) as f:
-        assert f.read() == seccomp_default.render(), "run: python -m labkit.kernel.seccomp_default"
-    doc = json.loads(seccomp_default.render())
+        shipped = f.read()
+    if seccomp.library_version().startswith(WRITTEN_WITH):
+        assert shipped == seccomp_default.render(), "run: python -m labkit.kernel.seccomp_default"
+    else:  # a newer libseccomp (Debian 13's 2.6) knows newer calls; the file is the same everywhere
+        old, new = json.loads(shipped), json.loads(seccomp_default.render())
+        assert set(old["syscalls"][0]["names"]) <= set(new["syscalls"][0]["names"])
+        assert old["syscalls"][1:] == new["syscalls"][1:]  # the conditional rules: Docker's, fixed
+    doc = json.loads(shipped)
     allowed = doc["syscalls"][0]["names"]
     assert 340 <= len(allowed) <= 420 and "read" in allowed and "execve" in allowed
     assert not {"unshare", "mount", "keyctl", "clone", "ptrace", "open_by_handle_at"} & set(allowed)
@@ -79,7 +88,7 @@ def test_docker_rules_by_argument_and_capability():
     assert got["clone3"] == errno.ENOSYS  # so that libc falls back to clone, which is checked
     assert got["fork"] == 7  # clone without CLONE_NEW* flags is fine
     print(f"compile + load of Docker's profile: {got['ms']:.2f} ms")
-    assert got["ms"] < 100
+    assert got["ms"] < 100 * SLOWDOWN
     admin = in_filtered_child(seccomp.default((*security.DOCKER_DEFAULT_CAPS, "CAP_SYS_ADMIN")),
                               lambda: {"clone3": errno_of(SYS_CLONE3, 0, 0)})  # fmt: skip
     assert admin["clone3"] == errno.EINVAL  # allowed: the kernel itself rejects the empty args

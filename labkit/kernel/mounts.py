@@ -79,6 +79,15 @@ def mountinfo(pid: int | str = "self") -> list[Mount]:
         return parse_mountinfo(f.read())
 
 
+def on_noexec_mount(path: str | os.PathLike) -> bool:
+    """Whether ``path`` lies on a mount with ``noexec``: no program there may run, whatever
+    its mode says (execve fails with EACCES). /run is one on some systems (Debian 13)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_NOEXEC)
+    except OSError:
+        return False
+
+
 def fstype_of(path: str | os.PathLike) -> str:
     """The filesystem type ``path`` lies on ("ext4", "tmpfs", "overlay" ...): the mount
     with the longest mount point that holds it."""

@@ -12,9 +12,11 @@ Layer: kernel. Used by unshare.py (spawn, run) and nsenter.py (enter).
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import select
+import shutil
 import signal
 import struct
 import sys
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 from labkit import poll
 from labkit.errors import LabkitError
-from labkit.kernel import proc, syscalls
+from labkit.kernel import mounts, proc, syscalls  # (all loaded before the child's pivot_root)
 
 # -- the parent <-> child channel ----------------------------------------------------------
 
@@ -245,7 +247,10 @@ def exec_target(wr: int, target, argv: list[str], env: dict[str, str] | None, st
             os.execvp(argv[0], argv)
         os.execvpe(argv[0], argv, env)
     except OSError as e:  # the pipe is still open: tell the parent why
-        send(wr, b"E", pickle.dumps(syscalls.SyscallError(e.errno, "execvp", repr(argv[0]))))
+        path = shutil.which(argv[0], path=(env or os.environ).get("PATH")) or argv[0]
+        noexec = e.errno == errno.EACCES and mounts.on_noexec_mount(path)
+        detail = f"{path} lies on a mount with noexec: no program there may run; put the files elsewhere" if noexec else ""
+        send(wr, b"E", pickle.dumps(syscalls.SyscallError(e.errno, "execvp", repr(argv[0]), detail)))
         os._exit(126 if e.errno == 13 else 127)
 
 
