@@ -5,6 +5,7 @@
 #   bash scripts/vm_changed.sh --stamp   # record the files as they are now: make test-vm passed
 #
 # The files: the Vagrantfiles, vagrant/ (provision.sh, lab.sh, the service units), the
+# compiled command provisioning builds (labkit/cli/client.c, compiled.py), the
 # requirements and pyproject.toml, and the VM test's own scripts and tests. Their content's
 # hash (sha256 of each file that git tracks, in path order) is kept in .ci/vm-tested, a
 # file that is committed with the change it was tested with (LABKIT_VM_TESTED moves it).
@@ -12,7 +13,8 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 STAMP=${LABKIT_VM_TESTED:-.ci/vm-tested}
 
-INPUTS=(Vagrantfile vagrant/ requirements.txt pyproject.toml scripts/build_box.py scripts/boot_box.py
+INPUTS=(Vagrantfile vagrant/ requirements.txt pyproject.toml labkit/cli/client.c labkit/cli/compiled.py
+        scripts/build_box.py scripts/boot_box.py
         scripts/test_vm.sh tests/test_vm_box.py tests/test_vm_vagrant.py tests/browser.py)
 
 inputs_hash() {

@@ -347,3 +347,34 @@ def test_a_python_the_compiled_client_cannot_start_is_one_line_and_127(tmp_dir):
     r = subprocess.run([str(broken), "ps"], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
                        env={**os.environ, "LABKIT_NO_DAEMON": "1"})  # fmt: skip
     assert r.returncode == 127 and r.stderr.count("\n") == 1 and "/nonexistent/python3" in r.stderr, r.stderr
+
+
+def test_a_connection_closed_before_a_worker_took_it_runs_the_command_here(client, tmp_dir):
+    """A labkitd killed a moment ago leaves its spare worker, which may still accept a
+    connection before it dies too: the caller then sees the socket close with no worker
+    named. Nothing ran, so the command runs in-process (it did not: exit 125, "went away").
+    A socket that accepts and closes stands in for that spare."""
+    import socket
+    import threading
+
+    root = tmp_dir / "root"
+    (root / "run").mkdir(parents=True)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(root / "run" / "labkitd.sock"))
+    listener.listen()
+    accepted = []
+
+    def dying_spare():
+        conn, _ = listener.accept()
+        accepted.append(conn.recv(65536)[:4])
+        conn.close()
+
+    spare = threading.Thread(target=dying_spare, daemon=True)
+    spare.start()
+    try:
+        r = labkit("ps", command=client, env={**os.environ, "LABKIT_ROOT": str(root)})
+    finally:
+        listener.close()
+    spare.join(timeout=10)
+    assert accepted == [b"LKD1"]  # it did ask
+    assert r.returncode == 0 and r.stdout.startswith("CONTAINER ID"), r.stderr

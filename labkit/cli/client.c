@@ -104,9 +104,10 @@ static char *request(int argc, char **argv, size_t *size) {
     for (char **e = environ; *e; e++)
         if (strchr(*e, '='))
             body += 1 + strlen(*e);
-    char *buf = malloc(8 + body + 1), *at = buf + 8;
+    char *buf = malloc(8 + body + 1);
     if (!buf)
         return NULL;
+    char *at = buf + 8;
     memcpy(buf, "LKD1", 4);
     for (int i = 0; i < 4; i++)
         buf[4 + i] = (char)((body >> (8 * i)) & 0xff);
@@ -163,6 +164,9 @@ static int answer(int conn, int *code) {
     int pidfd = -1;
     for (;;) {
         ssize_t n = have < sizeof buffered - 1 ? receive(conn, pidfd, buffered + have, sizeof buffered - 1 - have) : 0;
+        if (n <= 0 && worker == 0)
+            return 0; /* closed before any worker took the command: nothing ran, run it here
+                       * (a labkitd killed a moment ago leaves a spare that accepts, then dies) */
         if (n <= 0) {
             static const char gone[] = "labkit: labkitd went away before the command finished "
                                        "(hint: see labkitd.log next to its socket)\n";

@@ -75,6 +75,10 @@ def _answer(conn) -> int | None:
     buffered, worker = b"", None
     while True:
         chunk = _receive(conn, worker)
+        if not chunk and worker is None:
+            # closed before any worker took the command: nothing ran, so run it here (a
+            # labkitd killed a moment ago leaves a spare that accepts, then dies with it)
+            return None
         if not chunk:
             sys.stderr.write("labkit: labkitd went away before the command finished "
                              "(hint: see labkitd.log next to its socket)\n")  # fmt: skip

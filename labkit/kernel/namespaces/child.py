@@ -248,8 +248,9 @@ def exec_target(wr: int, target, argv: list[str], env: dict[str, str] | None, st
         os.execvpe(argv[0], argv, env)
     except OSError as e:  # the pipe is still open: tell the parent why
         path = shutil.which(argv[0], path=(env or os.environ).get("PATH")) or argv[0]
-        noexec = e.errno == errno.EACCES and mounts.on_noexec_mount(path)
-        detail = f"{path} lies on a mount with noexec: no program there may run; put the files elsewhere" if noexec else ""
+        detail = ""
+        if e.errno == errno.EACCES and mounts.on_noexec_mount(path):  # (/run, on some systems)
+            detail = f"{path} lies on a mount with noexec: no program there may run; put the files elsewhere"
         send(wr, b"E", pickle.dumps(syscalls.SyscallError(e.errno, "execvp", repr(argv[0]), detail)))
         os._exit(126 if e.errno == 13 else 127)
 
