@@ -90,7 +90,7 @@ def main() -> int:
 
     runc = shutil.which("runc") or "/usr/sbin/runc"
     root = Path(tempfile.mkdtemp(prefix="labkit-bench-seccomp-"))
-    labkit = labkit_command(root)  # started as the installed command starts
+    labkit = labkit_command(root)  # the compiled command, built as provisioning builds it
     os.environ["LABKIT_ROOT"] = str(root / "state")
     os.environ["PYTHONPATH"] = str(HERE.parent)  # the children run this checkout's labkit
     os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # the children cache bytecode, as an install does

@@ -7,8 +7,8 @@ client.c is client.py in C (see its comment for why). Provisioning builds it as
 
 The program is built for this Python and this checkout: both are compiled into it, as
 the path it execs when labkitd does not run the command, and the code that runs it there.
-A test builds it the same way into a temp dir (tests/test_compiled_client.py), and so do
-the benches, to time this checkout's command as users start it.
+A test builds it the same way into a temp dir (tests/test_daemon.py, its ``client``
+fixture), and so do the benches, to time this checkout's command as users start it.
 
 Layer: the CLI. Runs gcc (provisioning installs it).
 """
